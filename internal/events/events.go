@@ -1,0 +1,165 @@
+// Package events is the build lifecycle event contract (spec version 1):
+// the types publishers send, how they are encoded, and the rules that make
+// one valid. It imports no infrastructure: NATS subjects are plain strings here.
+package events
+
+import (
+	"crypto/sha256"
+	"encoding/json"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/oklog/ulid/v2"
+)
+
+// SpecVersion is the only contract version this package reads and writes.
+const SpecVersion = 1
+
+// MaxBodySize is the largest encoded event accepted, in bytes.
+const MaxBodySize = 64 << 10
+
+// MaxClockSkew is how far occurred_at may lie after the time the log stored the event.
+const MaxClockSkew = time.Hour
+
+// Kind is the lifecycle step an event reports; it is also the last subject token.
+type Kind string
+
+const (
+	KindQueued          Kind = "queued"
+	KindStarted         Kind = "started"
+	KindMetricsRecorded Kind = "metrics_recorded"
+	KindCompleted       Kind = "completed"
+)
+
+// Kinds lists every kind in lifecycle order.
+var Kinds = []Kind{KindQueued, KindStarted, KindMetricsRecorded, KindCompleted}
+
+// Type is the event's "type" field for this kind, e.g. "build.started".
+func (k Kind) Type() string { return "build." + string(k) }
+
+// Valid reports whether k is one of Kinds.
+func (k Kind) Valid() bool {
+	switch k {
+	case KindQueued, KindStarted, KindMetricsRecorded, KindCompleted:
+		return true
+	}
+	return false
+}
+
+// KindOfType maps a "type" field value to its Kind.
+func KindOfType(t string) (Kind, bool) {
+	k := Kind(strings.TrimPrefix(t, "build."))
+	if !strings.HasPrefix(t, "build.") || !k.Valid() {
+		return "", false
+	}
+	return k, true
+}
+
+// Outcome is how a completed build ended.
+type Outcome string
+
+const (
+	OutcomeSucceeded Outcome = "succeeded"
+	OutcomeFailed    Outcome = "failed"
+	OutcomeCanceled  Outcome = "canceled"
+)
+
+// Valid reports whether o is one of the three outcomes.
+func (o Outcome) Valid() bool {
+	return o == OutcomeSucceeded || o == OutcomeFailed || o == OutcomeCanceled
+}
+
+// Data carries the kind-specific fields. Only the fields of the event's kind
+// are kept (queued: none; started: Framework; metrics_recorded: Framework,
+// NodeVersion, PackageManager, Attempt; completed: Outcome, DurationMS, Error).
+type Data struct {
+	Framework      *string `json:"framework,omitempty"`
+	NodeVersion    *string `json:"node_version,omitempty"`
+	PackageManager *string `json:"package_manager,omitempty"`
+	Attempt        *int64  `json:"attempt,omitempty"`
+	Outcome        Outcome `json:"outcome,omitempty"`
+	DurationMS     *int64  `json:"duration_ms,omitempty"`
+	Error          *string `json:"error,omitempty"`
+}
+
+// Event is one build lifecycle event.
+type Event struct {
+	SpecVersion int       `json:"spec_version"`
+	ID          string    `json:"id"`
+	Type        string    `json:"type"`
+	ProjectID   string    `json:"project_id"`
+	BuildID     string    `json:"build_id"`
+	OccurredAt  time.Time `json:"occurred_at"`
+	Data        Data      `json:"data"`
+}
+
+// Kind is the event's kind, derived from Type ("" if Type is unknown).
+func (e Event) Kind() Kind {
+	k, _ := KindOfType(e.Type)
+	return k
+}
+
+// New makes an event of the given kind with a fresh ULID id. The result is
+// not validated; call Validate (the emitter does) before publishing it.
+func New(kind Kind, projectID, buildID string, at time.Time, data Data) Event {
+	return Event{
+		SpecVersion: SpecVersion,
+		ID:          ulid.Make().String(),
+		Type:        kind.Type(),
+		ProjectID:   projectID,
+		BuildID:     buildID,
+		OccurredAt:  at.UTC().Truncate(time.Microsecond),
+		Data:        data,
+	}
+}
+
+// Subject is the NATS subject an event is published on: <prefix>.<project_id>.<kind>.
+func Subject(prefix, projectID string, kind Kind) string {
+	return prefix + "." + projectID + "." + string(kind)
+}
+
+// ParseSubject splits a subject published under prefix into project id and kind.
+func ParseSubject(prefix, subject string) (projectID string, kind Kind, err error) {
+	rest, ok := strings.CutPrefix(subject, prefix+".")
+	if !ok {
+		return "", "", invalid(ReasonBadSubject, "subject %q is not under prefix %q", subject, prefix)
+	}
+	projectID, k, ok := strings.Cut(rest, ".")
+	if !ok || strings.Contains(k, ".") {
+		return "", "", invalid(ReasonBadSubject, "subject %q is not <prefix>.<project_id>.<kind>", subject)
+	}
+	return projectID, Kind(k), nil
+}
+
+// Marshal encodes the event canonically: the same event always gives the same bytes.
+func (e Event) Marshal() ([]byte, error) {
+	w := e
+	w.OccurredAt = e.OccurredAt.UTC()
+	w.Data = e.Data.only(e.Kind())
+	return json.Marshal(w)
+}
+
+// Digest is a hash of the canonical encoding; two events with one id and
+// different digests are a conflict.
+func (e Event) Digest() [32]byte {
+	b, err := e.Marshal()
+	if err != nil {
+		// Marshal of these plain types cannot fail; keep the hash defined anyway.
+		b = fmt.Appendf(nil, "%#v", e)
+	}
+	return sha256.Sum256(b)
+}
+
+// only returns the fields of d that belong to kind k.
+func (d Data) only(k Kind) Data {
+	switch k {
+	case KindStarted:
+		return Data{Framework: d.Framework}
+	case KindMetricsRecorded:
+		return Data{Framework: d.Framework, NodeVersion: d.NodeVersion, PackageManager: d.PackageManager, Attempt: d.Attempt}
+	case KindCompleted:
+		return Data{Outcome: d.Outcome, DurationMS: d.DurationMS, Error: d.Error}
+	}
+	return Data{}
+}
