@@ -1,0 +1,227 @@
+// Package fsm holds the build lifecycle rules: how the winning events of a
+// project's builds fold into its read-model rows (Derive), and the
+// per-project state machine (looplab/fsm) whose transitions emit the ordered
+// writes that take the stored rows to the derived ones (Decide). It imports
+// no infrastructure.
+package fsm
+
+import (
+	"sort"
+	"time"
+
+	"github.com/buildstate/buildstate/internal/events"
+)
+
+// Status is a project's build_status; StatusNone means no row yet.
+type Status string
+
+const (
+	StatusNone     Status = "none"
+	StatusQueued   Status = "queued"
+	StatusBuilding Status = "building"
+	StatusDeployed Status = "deployed"
+	StatusFailed   Status = "failed"
+	StatusCanceled Status = "canceled"
+)
+
+// Step is the winning event of one kind for one build.
+type Step struct {
+	EventID string
+	At      time.Time
+	Data    events.Data
+}
+
+// beats is the contract's winner rule: the later occurred_at, ties to the greater id.
+func (s *Step) beats(o *Step) bool {
+	if o == nil {
+		return true
+	}
+	if !s.At.Equal(o.At) {
+		return s.At.After(o.At)
+	}
+	return s.EventID > o.EventID
+}
+
+// Build is what is known of one build: the winning event of each kind.
+type Build struct {
+	ID        string
+	ProjectID string
+	Queued    *Step
+	Started   *Step
+	Metrics   *Step
+	Completed *Step
+}
+
+// Step returns the slot of kind k.
+func (b *Build) Step(k events.Kind) **Step {
+	switch k {
+	case events.KindQueued:
+		return &b.Queued
+	case events.KindStarted:
+		return &b.Started
+	case events.KindMetricsRecorded:
+		return &b.Metrics
+	default:
+		return &b.Completed
+	}
+}
+
+// Merge folds ev into b and reports whether it won its slot. Merging the same
+// event twice, or an older one, changes nothing.
+func (b *Build) Merge(ev events.Event) bool {
+	slot := b.Step(ev.Kind())
+	s := &Step{EventID: ev.ID, At: ev.OccurredAt, Data: ev.Data}
+	if !s.beats(*slot) {
+		return false
+	}
+	*slot = s
+	return true
+}
+
+// requested is when the build was asked for: queued time, else started time.
+func (b *Build) requested() (time.Time, bool) {
+	switch {
+	case b.Queued != nil:
+		return b.Queued.At, true
+	case b.Started != nil:
+		return b.Started.At, true
+	}
+	return time.Time{}, false
+}
+
+// newer orders builds by (requested time, build id).
+func newer(a, b *Build) bool {
+	ta, _ := a.requested()
+	tb, _ := b.requested()
+	if !ta.Equal(tb) {
+		return ta.After(tb)
+	}
+	return a.ID > b.ID
+}
+
+// Row is a projects row (updated_at is the store's).
+type Row struct {
+	ProjectID          string
+	Status             Status
+	CurrentBuildID     *string
+	LastBuildStarted   *time.Time
+	LastBuildCompleted *time.Time
+	Framework          *string
+}
+
+// MetricsRow is a project_build_metrics row.
+type MetricsRow struct {
+	BuildID        string
+	ProjectID      string
+	Status         string
+	StartedAt      time.Time
+	CompletedAt    *time.Time
+	DurationMS     *int64
+	Framework      *string
+	NodeVersion    *string
+	PackageManager *string
+	Attempt        *int64
+	Error          *string
+}
+
+// View is everything the read model holds for one project.
+type View struct {
+	Row     *Row                  // nil while the project has no visible build
+	Metrics map[string]MetricsRow // by build id
+}
+
+// Derive applies the read-model rules (docs/contract.md) to a project's builds.
+func Derive(projectID string, builds []*Build) View {
+	v := View{Metrics: map[string]MetricsRow{}}
+	visible := make([]*Build, 0, len(builds))
+	for _, b := range builds {
+		if b.Metrics != nil {
+			v.Metrics[b.ID] = metricsRow(b)
+		}
+		if _, ok := b.requested(); ok {
+			visible = append(visible, b)
+		}
+	}
+	if len(visible) == 0 {
+		return v
+	}
+	sort.Slice(visible, func(i, j int) bool { return newer(visible[i], visible[j]) })
+	newest := visible[0]
+	row := &Row{ProjectID: projectID, Status: statusOf(newest)}
+	for _, b := range visible {
+		if b.Started != nil && row.LastBuildStarted == nil {
+			started := b.Started.At
+			row.LastBuildStarted = &started
+			if b.Completed != nil {
+				row.LastBuildCompleted = ptr(later(b.Completed.At, started))
+			}
+		}
+		if b.Metrics != nil && row.CurrentBuildID == nil {
+			row.CurrentBuildID = ptr(b.ID)
+		}
+		if row.Framework == nil {
+			row.Framework = framework(b)
+		}
+	}
+	v.Row = row
+	return v
+}
+
+func statusOf(b *Build) Status {
+	switch {
+	case b.Completed != nil:
+		switch b.Completed.Data.Outcome {
+		case events.OutcomeFailed:
+			return StatusFailed
+		case events.OutcomeCanceled:
+			return StatusCanceled
+		}
+		return StatusDeployed
+	case b.Started != nil:
+		return StatusBuilding
+	}
+	return StatusQueued
+}
+
+// framework is the build's reported framework: metrics' first, else started's.
+func framework(b *Build) *string {
+	if b.Metrics != nil && b.Metrics.Data.Framework != nil {
+		return b.Metrics.Data.Framework
+	}
+	if b.Started != nil && b.Started.Data.Framework != nil {
+		return b.Started.Data.Framework
+	}
+	return nil
+}
+
+func metricsRow(b *Build) MetricsRow {
+	m := MetricsRow{
+		BuildID:        b.ID,
+		ProjectID:      b.ProjectID,
+		Status:         "building",
+		StartedAt:      b.Metrics.At,
+		Framework:      framework(b),
+		NodeVersion:    b.Metrics.Data.NodeVersion,
+		PackageManager: b.Metrics.Data.PackageManager,
+		Attempt:        b.Metrics.Data.Attempt,
+	}
+	if b.Started != nil {
+		m.StartedAt = b.Started.At
+	}
+	if c := b.Completed; c != nil {
+		m.Status = string(c.Data.Outcome)
+		m.CompletedAt = ptr(later(c.At, m.StartedAt))
+		m.DurationMS = c.Data.DurationMS
+		m.Error = c.Data.Error
+	}
+	return m
+}
+
+func later(a, b time.Time) time.Time {
+	if a.Before(b) {
+		return b
+	}
+	return a
+}
+
+func ptr[T any](v T) *T { return &v }

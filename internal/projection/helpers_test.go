@@ -1,0 +1,54 @@
+package projection_test
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/buildstate/buildstate/internal/events"
+	"github.com/buildstate/buildstate/internal/projection"
+	"github.com/buildstate/buildstate/internal/testenv"
+)
+
+func TestMain(m *testing.M) { testenv.Main(m) }
+
+// newStore gives a test its own migrated database.
+func newStore(t *testing.T, opts projection.Options) *projection.Store {
+	t.Helper()
+	ctx := context.Background()
+	url := testenv.Database(t)
+	conn, err := pgx.Connect(ctx, url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := projection.Migrate(ctx, conn, "public"); err != nil {
+		t.Fatal(err)
+	}
+	conn.Close(ctx)
+	pool, err := pgxpool.New(ctx, url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pool.Close)
+	return projection.New(pool, opts)
+}
+
+// msgs encodes events as log messages with sequences from first on.
+func msgs(t testing.TB, first uint64, evs ...events.Event) []projection.Message {
+	t.Helper()
+	out := make([]projection.Message, len(evs))
+	for i, ev := range evs {
+		body, err := ev.Marshal()
+		if err != nil {
+			t.Fatal(err)
+		}
+		out[i] = projection.Message{Seq: first + uint64(i), Subject: events.Subject("builds", ev.ProjectID, ev.Kind()),
+			Data: body, StoredAt: time.Now()}
+	}
+	return out
+}
+
+func str(s string) *string { return &s }

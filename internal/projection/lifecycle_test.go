@@ -1,0 +1,120 @@
+package projection_test
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/buildstate/buildstate/internal/events"
+	"github.com/buildstate/buildstate/internal/projection"
+)
+
+func TestLifecycle(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	s := newStore(t, projection.Options{Gate: true})
+	t0 := time.Date(2026, 11, 26, 20, 0, 0, 0, time.UTC)
+	ev := func(k events.Kind, build string, at time.Time, d events.Data) events.Event {
+		return events.New(k, "p-42", build, at, d)
+	}
+	dur := int64(61000)
+	steps := []struct {
+		name      string
+		ev        events.Event
+		status    string
+		current   *string
+		completed bool
+	}{
+		{"queued", ev(events.KindQueued, "b-1", t0, events.Data{}), "queued", nil, false},
+		{"started", ev(events.KindStarted, "b-1", t0.Add(time.Second), events.Data{Framework: str("nextjs")}), "building", nil, false},
+		{"metrics", ev(events.KindMetricsRecorded, "b-1", t0.Add(2*time.Second), events.Data{NodeVersion: str("22")}), "building", str("b-1"), false},
+		{"completed", ev(events.KindCompleted, "b-1", t0.Add(time.Minute), events.Data{Outcome: events.OutcomeSucceeded, DurationMS: &dur}), "deployed", str("b-1"), true},
+		{"next queued", ev(events.KindQueued, "b-2", t0.Add(2*time.Minute), events.Data{}), "queued", str("b-1"), true},
+		{"next started", ev(events.KindStarted, "b-2", t0.Add(3*time.Minute), events.Data{}), "building", str("b-1"), false},
+		{"next metrics", ev(events.KindMetricsRecorded, "b-2", t0.Add(4*time.Minute), events.Data{}), "building", str("b-2"), false},
+	}
+	for i, st := range steps {
+		res, err := s.Apply(ctx, msgs(t, uint64(i+1), st.ev))
+		if err != nil {
+			t.Fatalf("%s: Apply = %v", st.name, err)
+		}
+		if res.Applied != 1 {
+			t.Fatalf("%s: Applied = %d; want 1", st.name, res.Applied)
+		}
+		row, err := s.Project(ctx, "p-42")
+		if err != nil {
+			t.Fatalf("%s: %v", st.name, err)
+		}
+		if row.BuildStatus != st.status {
+			t.Errorf("%s: build_status = %q; want %q", st.name, row.BuildStatus, st.status)
+		}
+		if (row.CurrentBuildID == nil) != (st.current == nil) || (st.current != nil && *row.CurrentBuildID != *st.current) {
+			t.Errorf("%s: current_build_id = %v; want %v", st.name, deref(row.CurrentBuildID), deref(st.current))
+		}
+		if (row.LastBuildCompleted != nil) != st.completed {
+			t.Errorf("%s: last_build_completed = %v; want set=%v", st.name, row.LastBuildCompleted, st.completed)
+		}
+		if i >= 1 && (row.Framework == nil || *row.Framework != "nextjs") {
+			t.Errorf("%s: framework = %v; want nextjs", st.name, deref(row.Framework))
+		}
+	}
+	// The same events again change nothing and count as duplicates.
+	var all []events.Event
+	for _, st := range steps {
+		all = append(all, st.ev)
+	}
+	res, err := s.Apply(ctx, msgs(t, 100, all...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Applied != 0 || res.Duplicates != len(all) || res.DeadLettered != 0 {
+		t.Errorf("re-apply = %+v; want 0 applied, %d duplicates", res, len(all))
+	}
+	builds, err := s.RecentBuilds(ctx, "p-42", 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(builds) != 2 || builds[0].BuildID != "b-2" || builds[1].Status != "succeeded" || *builds[1].DurationMS != dur {
+		t.Errorf("RecentBuilds = %+v; want b-2 building, b-1 succeeded", builds)
+	}
+}
+
+func TestConflictsAreDeadLettered(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	s := newStore(t, projection.Options{})
+	t0 := time.Now().Add(-time.Hour).UTC()
+	first := events.New(events.KindQueued, "p-1", "b-1", t0, events.Data{})
+	sameIDOtherContent := first
+	sameIDOtherContent.OccurredAt = t0.Add(time.Second)
+	otherProject := events.New(events.KindStarted, "p-2", "b-1", t0, events.Data{})
+	res, err := s.Apply(ctx, msgs(t, 1, first))
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err = s.Apply(ctx, msgs(t, 2, sameIDOtherContent, otherProject))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.DeadLettered != 2 || res.Applied != 0 {
+		t.Fatalf("Apply = %+v; want 2 dead letters", res)
+	}
+	dls, err := s.DeadLetters(ctx, projection.DeadLetterFilter{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[uint64]string{}
+	for _, d := range dls {
+		got[d.StreamSeq] = d.Reason
+	}
+	if got[2] != string(events.ReasonIDConflict) || got[3] != string(events.ReasonBuildProjectClash) {
+		t.Errorf("dead letters = %v; want 2:%s 3:%s", got, events.ReasonIDConflict, events.ReasonBuildProjectClash)
+	}
+}
+
+func deref(s *string) string {
+	if s == nil {
+		return "<nil>"
+	}
+	return *s
+}

@@ -1,0 +1,178 @@
+package projection
+
+import (
+	"encoding/json"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/buildstate/buildstate/internal/fsm"
+)
+
+// The writes of one batch, sent in one round trip in this order: facts, dead
+// letters, then every plan's phase 1, metrics rows, phase 2. Each plan's own
+// actions are already in that order, so grouping them by kind keeps it.
+
+const upsertFactsSQL = `
+INSERT INTO projector_facts (build_id, kind, project_id, event_id, occurred_at, data, stream_seq)
+SELECT b, k, p, e, t, d::jsonb, s
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::text[], $7::bigint[])
+     AS u(b, k, p, e, t, d, s)
+ON CONFLICT (build_id, kind) DO UPDATE
+SET event_id = excluded.event_id, occurred_at = excluded.occurred_at,
+    data = excluded.data, stream_seq = excluded.stream_seq
+WHERE (excluded.occurred_at, excluded.event_id) > (projector_facts.occurred_at, projector_facts.event_id)`
+
+func queueFacts(b *pgx.Batch, facts []factRow) {
+	if len(facts) == 0 {
+		return
+	}
+	n := len(facts)
+	builds, kinds, projects, ids, data := make([]string, n), make([]string, n), make([]string, n), make([]string, n), make([]string, n)
+	ats, seqs := make([]time.Time, n), make([]int64, n)
+	for i, f := range facts {
+		d, _ := json.Marshal(f.step.Data) // plain struct: cannot fail
+		builds[i], kinds[i], projects[i], ids[i], data[i] = f.build.ID, string(f.kind), f.project, f.step.EventID, string(d)
+		ats[i], seqs[i] = f.step.At, int64(f.seq)
+	}
+	b.Queue(upsertFactsSQL, builds, kinds, projects, ids, ats, data, seqs)
+}
+
+const insertDeadLettersSQL = `
+INSERT INTO projector_dead_letters (stream_seq, subject, reason, detail, payload, stored_at, retries)
+SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::timestamptz[], $7::int[])
+ON CONFLICT (stream_seq) DO UPDATE
+SET reason = excluded.reason, detail = excluded.detail`
+
+func queueDeadLetters(b *pgx.Batch, dead []deadLetter, retries map[uint64]int) {
+	if len(dead) == 0 {
+		return
+	}
+	// One row per sequence: a redelivered batch may carry a message twice.
+	seen := map[uint64]bool{}
+	var seqs []int64
+	var subjects, reasons, details []string
+	var payloads [][]byte
+	var stored []time.Time
+	var counts []int32
+	for _, d := range dead {
+		if seen[d.msg.Seq] {
+			continue
+		}
+		seen[d.msg.Seq] = true
+		at := d.msg.StoredAt
+		if at.IsZero() {
+			at = time.Now()
+		}
+		seqs = append(seqs, int64(d.msg.Seq))
+		subjects = append(subjects, d.msg.Subject)
+		reasons = append(reasons, string(d.reason))
+		details = append(details, d.detail)
+		payloads = append(payloads, nonNil(d.msg.Data))
+		stored = append(stored, at)
+		counts = append(counts, int32(retries[d.msg.Seq]))
+	}
+	b.Queue(insertDeadLettersSQL, seqs, subjects, reasons, details, payloads, stored, counts)
+}
+
+func nonNil(b []byte) []byte {
+	if b == nil {
+		return []byte{}
+	}
+	return b
+}
+
+// Phase 1: status, timing and framework; a new row starts with no current build.
+const writeStatusSQL = `
+INSERT INTO projects (project_id, build_status, last_build_started, last_build_completed, framework, updated_at)
+SELECT p, s, st, co, f, now()
+FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[], $5::text[]) AS u(p, s, st, co, f)
+ON CONFLICT (project_id) DO UPDATE
+SET build_status = excluded.build_status, last_build_started = excluded.last_build_started,
+    last_build_completed = excluded.last_build_completed, framework = excluded.framework,
+    updated_at = excluded.updated_at`
+
+const writeMetricsSQL = `
+INSERT INTO project_build_metrics (build_id, project_id, status, started_at, completed_at, duration_ms,
+    framework, node_version, package_manager, attempt, error)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[], $6::bigint[],
+    $7::text[], $8::text[], $9::text[], $10::bigint[], $11::text[])
+ON CONFLICT (build_id) DO UPDATE
+SET project_id = excluded.project_id, status = excluded.status, started_at = excluded.started_at,
+    completed_at = excluded.completed_at, duration_ms = excluded.duration_ms, framework = excluded.framework,
+    node_version = excluded.node_version, package_manager = excluded.package_manager,
+    attempt = excluded.attempt, error = excluded.error`
+
+// Phase 2: the current build pointer, once its metrics row exists.
+const pointCurrentSQL = `
+UPDATE projects AS p SET current_build_id = u.c, updated_at = now()
+FROM unnest($1::text[], $2::text[]) AS u(p, c)
+WHERE p.project_id = u.p`
+
+func queuePlans(b *pgx.Batch, plans []fsm.Plan) {
+	var st statusCols
+	var mc metricsCols
+	var cur struct {
+		projects []string
+		builds   []*string
+	}
+	for _, p := range plans {
+		for _, a := range p.Actions {
+			switch a.Kind {
+			case fsm.WriteStatus:
+				st.add(a.Row)
+			case fsm.WriteMetrics:
+				mc.add(a.Metrics)
+			case fsm.PointCurrent:
+				cur.projects = append(cur.projects, a.Row.ProjectID)
+				cur.builds = append(cur.builds, a.Row.CurrentBuildID)
+			}
+		}
+	}
+	if len(st.projects) > 0 {
+		b.Queue(writeStatusSQL, st.projects, st.statuses, st.started, st.completed, st.frameworks)
+	}
+	if len(mc.builds) > 0 {
+		b.Queue(writeMetricsSQL, mc.builds, mc.projects, mc.statuses, mc.started, mc.completed, mc.durations,
+			mc.frameworks, mc.nodes, mc.managers, mc.attempts, mc.errors)
+	}
+	if len(cur.projects) > 0 {
+		b.Queue(pointCurrentSQL, cur.projects, cur.builds)
+	}
+}
+
+type statusCols struct {
+	projects, statuses []string
+	started, completed []*time.Time
+	frameworks         []*string
+}
+
+func (c *statusCols) add(r *fsm.Row) {
+	c.projects = append(c.projects, r.ProjectID)
+	c.statuses = append(c.statuses, string(r.Status))
+	c.started = append(c.started, r.LastBuildStarted)
+	c.completed = append(c.completed, r.LastBuildCompleted)
+	c.frameworks = append(c.frameworks, r.Framework)
+}
+
+type metricsCols struct {
+	builds, projects, statuses          []string
+	started                             []time.Time
+	completed                           []*time.Time
+	durations, attempts                 []*int64
+	frameworks, nodes, managers, errors []*string
+}
+
+func (c *metricsCols) add(m *fsm.MetricsRow) {
+	c.builds = append(c.builds, m.BuildID)
+	c.projects = append(c.projects, m.ProjectID)
+	c.statuses = append(c.statuses, m.Status)
+	c.started = append(c.started, m.StartedAt)
+	c.completed = append(c.completed, m.CompletedAt)
+	c.durations = append(c.durations, m.DurationMS)
+	c.frameworks = append(c.frameworks, m.Framework)
+	c.nodes = append(c.nodes, m.NodeVersion)
+	c.managers = append(c.managers, m.PackageManager)
+	c.attempts = append(c.attempts, m.Attempt)
+	c.errors = append(c.errors, m.Error)
+}
