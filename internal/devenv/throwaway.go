@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"net"
 	"os"
 	"os/exec"
@@ -39,19 +40,26 @@ func (c *cluster) logFile() string { return filepath.Join(c.dir, "postgres.log")
 // startThrowaway creates a cluster in a new temporary directory and starts it
 // on a free port of 127.0.0.1, with trust authentication for user postgres
 // and fsync off: it is fast and holds nothing worth keeping.
-func startThrowaway(ctx context.Context, logf func(format string, args ...any)) (_ *Postgres, err error) {
+func startThrowaway(ctx context.Context, logf func(format string, args ...any)) (*Postgres, error) {
+	// initdb refuses to run as root, and so does postgres.
+	var runAs string
+	if os.Geteuid() == 0 {
+		var err error
+		if runAs, err = unprivilegedUser(); err != nil {
+			return nil, fmt.Errorf("start throwaway postgres as root: %w", err)
+		}
+	}
+	return startThrowawayAs(ctx, logf, runAs)
+}
+
+// startThrowawayAs is startThrowaway running the binaries as the user runAs
+// (through runuser, which needs root), or as ourselves when runAs is "".
+func startThrowawayAs(ctx context.Context, logf func(format string, args ...any), runAs string) (_ *Postgres, err error) {
 	initdb, pgCtl, err := findPGBinaries()
 	if err != nil {
 		return nil, fmt.Errorf("start throwaway postgres: %w", err)
 	}
-	c := &cluster{initdb: initdb, pgCtl: pgCtl}
-
-	// initdb refuses to run as root, and so does postgres.
-	if os.Geteuid() == 0 {
-		if c.runAs, err = unprivilegedUser(); err != nil {
-			return nil, fmt.Errorf("start throwaway postgres as root: %w", err)
-		}
-	}
+	c := &cluster{initdb: initdb, pgCtl: pgCtl, runAs: runAs}
 
 	c.dir, err = os.MkdirTemp("", "devenv-pg-")
 	if err != nil {
@@ -64,7 +72,9 @@ func startThrowaway(ctx context.Context, logf func(format string, args ...any)) 
 		if c.port != 0 {
 			// A start that failed or timed out may have left a server
 			// running; it is fine for this to fail when there is none.
-			_ = c.command(context.Background(), c.pgCtl, "stop", "-w", "-m", "immediate", "-D", c.dataDir()).Run()
+			stopCtx, cancel := context.WithTimeout(context.Background(), pgStopTimeout)
+			_ = c.command(stopCtx, c.pgCtl, "stop", "-w", "-m", "immediate", "-D", c.dataDir()).Run()
+			cancel()
 		}
 		_ = os.RemoveAll(c.dir)
 	}()
@@ -111,6 +121,10 @@ func startThrowaway(ctx context.Context, logf func(format string, args ...any)) 
 // start runs pg_ctl start and waits until the server accepts connections.
 func (c *cluster) start(ctx context.Context) error {
 	// pg_ctl passes -o to postgres through /bin/sh: quote the path.
+	// A fresh log per attempt, so that portTaken reads this attempt's.
+	if err := os.Remove(c.logFile()); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("pg_ctl start: %w", err)
+	}
 	opts := fmt.Sprintf("-p %d -k %s -c listen_addresses=127.0.0.1 -c fsync=off", c.port, shellQuote(c.dir))
 	// -l sends the server's output to a file: otherwise the server would
 	// inherit our pipe and the command would not return until it stops.

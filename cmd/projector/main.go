@@ -1,0 +1,22 @@
+// Command projector consumes build lifecycle events from NATS JetStream and
+// keeps the Postgres read model (projects, project_build_metrics) correct.
+//
+//	projector [run]                         consume (default)
+//	projector migrate                       apply the schema migrations
+//	projector dead-letters [--reason R] [--seq N]
+//	projector dead-letters retry [--reason R | --seq N]
+//	projector status PROJECT_ID [--json]
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+)
+
+func main() {
+	if err := run(context.Background(), os.Args, os.Getenv, os.Stdout, os.Stderr); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+}

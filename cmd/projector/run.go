@@ -1,0 +1,323 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"strconv"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+
+	"github.com/buildstate/buildstate/internal/projection"
+	"github.com/buildstate/buildstate/internal/projector"
+)
+
+// common holds the flags every subcommand takes.
+type common struct {
+	cfg       projector.Config
+	logFormat string
+	logLevel  string
+}
+
+func newFlags(name string, getenv func(string) string, stderr io.Writer) (*flag.FlagSet, *common) {
+	fs := flag.NewFlagSet("projector "+name, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	c := &common{}
+	fs.StringVar(&c.cfg.DatabaseURL, "database-url", envOr(getenv, "DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable"), "Postgres URL (env DATABASE_URL)")
+	fs.StringVar(&c.cfg.NATSURL, "nats-url", envOr(getenv, "NATS_URL", "nats://127.0.0.1:4222"), "NATS URL (env NATS_URL)")
+	fs.StringVar(&c.cfg.Stream, "stream", envOr(getenv, "BUILDS_STREAM", "BUILDS"), "JetStream stream (env BUILDS_STREAM)")
+	fs.StringVar(&c.cfg.Prefix, "subject-prefix", envOr(getenv, "BUILDS_SUBJECT_PREFIX", "builds"), "subject prefix (env BUILDS_SUBJECT_PREFIX)")
+	fs.StringVar(&c.cfg.Durable, "durable", envOr(getenv, "PROJECTOR_DURABLE", "projector"), "durable consumer name (env PROJECTOR_DURABLE)")
+	fs.StringVar(&c.logFormat, "log-format", envOr(getenv, "LOG_FORMAT", "json"), "log format: json or console")
+	fs.StringVar(&c.logLevel, "log-level", envOr(getenv, "LOG_LEVEL", "info"), "log level: debug, info, warn, error")
+	return fs, c
+}
+
+func envOr(getenv func(string) string, key, def string) string {
+	if v := getenv(key); v != "" {
+		return v
+	}
+	return def
+}
+
+func (c *common) logger(stderr io.Writer) (*zap.Logger, error) {
+	level, err := zapcore.ParseLevel(c.logLevel)
+	if err != nil {
+		return nil, fmt.Errorf("--log-level: %w", err)
+	}
+	enc := zap.NewProductionEncoderConfig()
+	enc.EncodeTime = zapcore.ISO8601TimeEncoder
+	var encoder zapcore.Encoder
+	switch c.logFormat {
+	case "json":
+		encoder = zapcore.NewJSONEncoder(enc)
+	case "console":
+		enc.EncodeLevel = zapcore.CapitalLevelEncoder
+		encoder = zapcore.NewConsoleEncoder(enc)
+	default:
+		return nil, fmt.Errorf("--log-format %q: want json or console", c.logFormat)
+	}
+	return zap.New(zapcore.NewCore(encoder, zapcore.AddSync(stderr), level)), nil
+}
+
+func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	cmd, rest := "run", args[1:]
+	if len(rest) > 0 && rest[0] != "" && rest[0][0] != '-' {
+		cmd, rest = rest[0], rest[1:]
+	}
+	switch cmd {
+	case "run":
+		return runProjector(ctx, rest, getenv, stderr)
+	case "migrate":
+		return runMigrate(ctx, rest, getenv, stdout, stderr)
+	case "dead-letters":
+		return runDeadLetters(ctx, rest, getenv, stdout, stderr)
+	case "status":
+		return runStatus(ctx, rest, getenv, stdout, stderr)
+	case "rebuild":
+		return runRebuild(ctx, rest, getenv, stdout, stderr)
+	case "verify":
+		return runVerify(ctx, rest, getenv, stdout, stderr)
+	case "help", "-h", "--help":
+		fmt.Fprintln(stdout, usage)
+		return nil
+	}
+	return fmt.Errorf("unknown command %q\n%s", cmd, usage)
+}
+
+const usage = `usage: projector [command] [flags]
+commands:
+  run                                   consume events and keep the read model (default)
+  migrate                               apply the schema migrations and exit
+  dead-letters [--reason R] [--seq N]   print kept messages, one JSON object per line
+  dead-letters retry [--reason R | --seq N]
+                                        re-apply kept messages (after a fix)
+  status PROJECT_ID [--json] [--at T | --seq N]
+                                        a project's row and recent builds
+  rebuild [--dry-run]                   replay the stream into shadow tables and swap them in
+  verify                                check constraints and that a rebuild equals the live model
+run 'projector COMMAND -h' for a command's flags`
+
+func runProjector(ctx context.Context, args []string, getenv func(string) string, stderr io.Writer) error {
+	fs, c := newFlags("run", getenv, stderr)
+	fs.StringVar(&c.cfg.HTTPAddr, "http-addr", envOr(getenv, "PROJECTOR_HTTP_ADDR", ":9090"), "serve /healthz, /readyz, /metrics here (env PROJECTOR_HTTP_ADDR; empty: none)")
+	fs.IntVar(&c.cfg.BatchSize, "batch", 1000, "most events per transaction")
+	fs.DurationVar(&c.cfg.Linger, "linger", 0, "wait this long to fill a batch once a message is in hand")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	log, err := c.logger(stderr)
+	if err != nil {
+		return err
+	}
+	defer log.Sync() //nolint:errcheck
+	c.cfg.Logger = log
+	return projector.Run(ctx, c.cfg)
+}
+
+func runMigrate(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	fs, c := newFlags("migrate", getenv, stderr)
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	pool, err := projector.OpenPool(ctx, c.cfg.DatabaseURL)
+	if err != nil {
+		return err
+	}
+	defer pool.Close()
+	if err := projector.MigratePool(ctx, pool); err != nil {
+		return err
+	}
+	fmt.Fprintln(stdout, "migrations applied")
+	return nil
+}
+
+func openStore(ctx context.Context, c *common) (*projection.Store, func(), error) {
+	pool, err := projector.OpenPool(ctx, c.cfg.DatabaseURL)
+	if err != nil {
+		return nil, nil, err
+	}
+	if err := projector.MigratePool(ctx, pool); err != nil {
+		pool.Close()
+		return nil, nil, err
+	}
+	return projection.New(pool, projection.Options{Prefix: c.cfg.Prefix, Gate: true}), pool.Close, nil
+}
+
+func runDeadLetters(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	retry := len(args) > 0 && args[0] == "retry"
+	if retry {
+		args = args[1:]
+	}
+	fs, c := newFlags("dead-letters", getenv, stderr)
+	var f projection.DeadLetterFilter
+	fs.StringVar(&f.Reason, "reason", "", "only this reason")
+	fs.Func("seq", "only this stream sequence", func(s string) error {
+		n, err := strconv.ParseUint(s, 10, 64)
+		f.Seq = n
+		return err
+	})
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	store, closeStore, err := openStore(ctx, c)
+	if err != nil {
+		return err
+	}
+	defer closeStore()
+	if retry {
+		res, err := store.Retry(ctx, f)
+		if err != nil {
+			return err
+		}
+		left, err := store.DeadLetters(ctx, f)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(stdout, "applied %d, duplicates %d, still dead %d\n", res.Applied, res.Duplicates, len(left))
+		return nil
+	}
+	dls, err := store.DeadLetters(ctx, f)
+	if err != nil {
+		return err
+	}
+	enc := json.NewEncoder(stdout)
+	for _, d := range dls {
+		if err := enc.Encode(deadLetterJSON(d)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// deadLetterJSON shows the payload as text when it is UTF-8, else base64.
+func deadLetterJSON(d projection.DeadLetter) any {
+	type out struct {
+		projection.DeadLetter
+		Payload       string `json:"payload,omitempty"`
+		PayloadBase64 []byte `json:"payload_base64,omitempty"`
+		PayloadBytes  int    `json:"payload_bytes"`
+	}
+	o := out{DeadLetter: d, PayloadBytes: len(d.Payload)}
+	if isText(d.Payload) {
+		o.Payload = string(d.Payload)
+	} else {
+		o.PayloadBase64 = d.Payload
+	}
+	return o
+}
+
+func isText(b []byte) bool {
+	return json.Valid(b) || (len(b) > 0 && string([]rune(string(b))) == string(b))
+}
+
+func runStatus(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	fs, c := newFlags("status", getenv, stderr)
+	asJSON := fs.Bool("json", false, "print JSON")
+	at := fs.String("at", "", "show the project as of this time of the log (RFC 3339), replaying its events")
+	var seq uint64
+	fs.Func("seq", "show the project as of this stream sequence, replaying its events", func(s string) error {
+		n, err := strconv.ParseUint(s, 10, 64)
+		seq = n
+		return err
+	})
+	projectID, rest := "", args
+	if len(args) > 0 && args[0] != "" && args[0][0] != '-' {
+		projectID, rest = args[0], args[1:]
+	}
+	if err := fs.Parse(rest); err != nil {
+		return err
+	}
+	if projectID == "" && fs.NArg() > 0 {
+		projectID = fs.Arg(0)
+	}
+	if projectID == "" {
+		return errors.New("status: PROJECT_ID is required")
+	}
+	if *at != "" || seq != 0 {
+		return runStatusAt(ctx, c, projectID, *at, seq, *asJSON, stdout)
+	}
+	store, closeStore, err := openStore(ctx, c)
+	if err != nil {
+		return err
+	}
+	defer closeStore()
+	row, err := store.Project(ctx, projectID)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return fmt.Errorf("status: project %q has no visible build", projectID)
+	}
+	if err != nil {
+		return err
+	}
+	builds, err := store.RecentBuilds(ctx, projectID, 10)
+	if err != nil {
+		return err
+	}
+	if *asJSON {
+		return json.NewEncoder(stdout).Encode(struct {
+			Project projection.ProjectRow   `json:"project"`
+			Builds  []projection.MetricsRow `json:"recent_builds"`
+		}{row, builds})
+	}
+	printStatus(stdout, row, builds)
+	return nil
+}
+
+func printStatus(w io.Writer, row projection.ProjectRow, builds []projection.MetricsRow) {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintf(tw, "project\t%s\n", row.ProjectID)
+	fmt.Fprintf(tw, "status\t%s\n", row.BuildStatus)
+	fmt.Fprintf(tw, "current build\t%s\n", orDash(row.CurrentBuildID))
+	fmt.Fprintf(tw, "last started\t%s\n", timeOrDash(row.LastBuildStarted))
+	fmt.Fprintf(tw, "last completed\t%s\n", timeOrDash(row.LastBuildCompleted))
+	fmt.Fprintf(tw, "framework\t%s\n", orDash(row.Framework))
+	fmt.Fprintf(tw, "updated\t%s\n", row.UpdatedAt.UTC().Format(time.RFC3339))
+	tw.Flush()
+	if len(builds) == 0 {
+		fmt.Fprintln(w, "\nno builds with metrics yet")
+		return
+	}
+	fmt.Fprintln(w, "\nrecent builds:")
+	tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "BUILD\tSTATUS\tSTARTED\tCOMPLETED\tDURATION\tFRAMEWORK\tNODE\tPM\tATTEMPT\tERROR")
+	for _, b := range builds {
+		dur := "-"
+		if b.DurationMS != nil {
+			dur = (time.Duration(*b.DurationMS) * time.Millisecond).String()
+		}
+		attempt := "-"
+		if b.Attempt != nil {
+			attempt = strconv.FormatInt(*b.Attempt, 10)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", b.BuildID, b.Status,
+			b.StartedAt.UTC().Format(time.RFC3339), timeOrDash(b.CompletedAt), dur,
+			orDash(b.Framework), orDash(b.NodeVersion), orDash(b.PackageManager), attempt, orDash(b.Error))
+	}
+	tw.Flush()
+}
+
+func orDash(s *string) string {
+	if s == nil || *s == "" {
+		return "-"
+	}
+	return *s
+}
+
+func timeOrDash(t *time.Time) string {
+	if t == nil {
+		return "-"
+	}
+	return t.UTC().Format(time.RFC3339Nano)
+}

@@ -1,0 +1,262 @@
+// Package projector assembles the projector service: Postgres pool and
+// migrations, the BUILDS stream and durable consumer, the consume loop
+// applying batches through the projection store, and the HTTP endpoints.
+package projector
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"go.uber.org/zap"
+
+	"github.com/buildstate/buildstate/internal/natsjs"
+	"github.com/buildstate/buildstate/internal/projection"
+)
+
+// Config is everything the projector is told.
+type Config struct {
+	DatabaseURL string
+	NATSURL     string
+	Stream      string
+	Prefix      string
+	Durable     string
+	HTTPAddr    string // "" serves no HTTP
+	BatchSize   int
+	Linger      time.Duration
+	Logger      *zap.Logger
+	// Ready, if set, is called with the HTTP listener's address once the
+	// projector is consuming (tests use it).
+	Ready func(httpAddr string)
+}
+
+func (c *Config) defaults() {
+	if c.Stream == "" {
+		c.Stream = "BUILDS"
+	}
+	if c.Prefix == "" {
+		c.Prefix = "builds"
+	}
+	if c.Durable == "" {
+		c.Durable = "projector"
+	}
+	if c.BatchSize <= 0 {
+		c.BatchSize = 1000
+	}
+	if c.Logger == nil {
+		c.Logger = zap.NewNop()
+	}
+}
+
+// OpenPool connects to Postgres and pings it.
+func OpenPool(ctx context.Context, url string) (*pgxpool.Pool, error) {
+	pool, err := pgxpool.New(ctx, url)
+	if err != nil {
+		return nil, fmt.Errorf("postgres: %w", err)
+	}
+	pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if err := pool.Ping(pctx); err != nil {
+		pool.Close()
+		return nil, fmt.Errorf("postgres: ping: %w", err)
+	}
+	return pool, nil
+}
+
+// MigratePool applies the migrations to the live schema over one pooled connection.
+func MigratePool(ctx context.Context, pool *pgxpool.Pool) error {
+	conn, err := pool.Acquire(ctx)
+	if err != nil {
+		return fmt.Errorf("migrate: %w", err)
+	}
+	defer conn.Release()
+	if err := projection.Migrate(ctx, conn.Conn(), "public"); err != nil {
+		return fmt.Errorf("migrate: %w", err)
+	}
+	// The connection's search_path was changed; do not hand it out again.
+	_ = conn.Conn().Close(ctx)
+	return nil
+}
+
+// ConnectNATS connects with endless reconnects, so an outage is waited out.
+func ConnectNATS(url, name string, log *zap.Logger) (*nats.Conn, error) {
+	nc, err := nats.Connect(url,
+		nats.Name(name),
+		nats.MaxReconnects(-1),
+		nats.ReconnectWait(250*time.Millisecond),
+		nats.RetryOnFailedConnect(false),
+		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) { log.Warn("nats disconnected", zap.Error(err)) }),
+		nats.ReconnectHandler(func(c *nats.Conn) { log.Info("nats reconnected", zap.String("url", c.ConnectedUrl())) }),
+	)
+	if err != nil {
+		return nil, fmt.Errorf("nats: connect %s: %w", url, err)
+	}
+	return nc, nil
+}
+
+// Run is `projector run`: it fails fast on set-up, then consumes until ctx
+// is done, finishes and acks the batch in hand, and returns nil.
+func Run(ctx context.Context, cfg Config) error {
+	cfg.defaults()
+	log := cfg.Logger
+	pool, err := OpenPool(ctx, cfg.DatabaseURL)
+	if err != nil {
+		return err
+	}
+	defer pool.Close()
+	if err := MigratePool(ctx, pool); err != nil {
+		return err
+	}
+	nc, err := ConnectNATS(cfg.NATSURL, "buildstate-projector", log)
+	if err != nil {
+		return err
+	}
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return fmt.Errorf("jetstream: %w", err)
+	}
+	if _, err := natsjs.EnsureStream(ctx, js, cfg.Stream, cfg.Prefix, 1); err != nil {
+		return err
+	}
+	cons, err := natsjs.EnsureConsumer(ctx, js, cfg.Stream, cfg.Durable, cfg.Prefix)
+	if err != nil {
+		return err
+	}
+	tel := NewTelemetry()
+	store := projection.New(pool, projection.Options{Prefix: cfg.Prefix, Gate: true, Logger: log, Observer: tel})
+	loop := natsjs.NewLoop(cons, Handler(store, tel, log), natsjs.LoopOptions{
+		BatchSize: cfg.BatchSize, Linger: cfg.Linger, Logger: log,
+	})
+
+	var wg sync.WaitGroup
+	bg, stopBG := context.WithCancel(context.WithoutCancel(ctx))
+	defer func() { stopBG(); wg.Wait() }()
+	httpAddr := ""
+	if cfg.HTTPAddr != "" {
+		ln, err := net.Listen("tcp", cfg.HTTPAddr)
+		if err != nil {
+			return fmt.Errorf("http: listen %s: %w", cfg.HTTPAddr, err)
+		}
+		httpAddr = ln.Addr().String()
+		srv := &http.Server{Handler: routes(tel, loop, pool, nc), ReadHeaderTimeout: 5 * time.Second}
+		wg.Add(2)
+		go func() {
+			defer wg.Done()
+			if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				log.Error("http", zap.Error(err))
+			}
+		}()
+		go func() {
+			defer wg.Done()
+			<-bg.Done()
+			sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			defer cancel()
+			_ = srv.Shutdown(sctx)
+		}()
+	}
+	wg.Add(1)
+	go func() { defer wg.Done(); watchLag(bg, cons, tel, log) }()
+
+	log.Info("projector consuming", zap.String("stream", cfg.Stream), zap.String("durable", cfg.Durable),
+		zap.String("http", httpAddr), zap.Int("batch", cfg.BatchSize))
+	if cfg.Ready != nil {
+		cfg.Ready(httpAddr)
+	}
+	if err := loop.Run(ctx); err != nil {
+		return err
+	}
+	// Acks are sent asynchronously: make sure they left before closing.
+	if err := nc.FlushTimeout(5 * time.Second); err != nil {
+		log.Warn("flush acks", zap.Error(err))
+	}
+	log.Info("projector stopped")
+	return nil
+}
+
+// Handler adapts the projection store to the consume loop.
+func Handler(store *projection.Store, tel *Telemetry, log *zap.Logger) natsjs.Handler {
+	return func(ctx context.Context, msgs []jetstream.Msg) error {
+		batch := make([]projection.Message, len(msgs))
+		for i, m := range msgs {
+			pm := projection.Message{Subject: m.Subject(), Data: m.Data()}
+			if md, err := m.Metadata(); err == nil {
+				pm.Seq, pm.StoredAt = md.Sequence.Stream, md.Timestamp
+			}
+			batch[i] = pm
+		}
+		start := time.Now()
+		res, err := store.Apply(ctx, batch)
+		if err != nil {
+			if errors.Is(err, projection.ErrRetriesExhausted) {
+				return fmt.Errorf("%w: %w", natsjs.ErrRedeliverLater, err)
+			}
+			return err
+		}
+		tel.Batches.Observe(time.Since(start).Seconds())
+		tel.Applied.Add(float64(res.Applied))
+		tel.Duplicates.Add(float64(res.Duplicates))
+		tel.DeadLettered.Add(float64(res.DeadLettered))
+		if res.DeadLettered > 0 {
+			log.Warn("dead-lettered messages", zap.Int("count", res.DeadLettered))
+		}
+		return nil
+	}
+}
+
+func watchLag(ctx context.Context, cons jetstream.Consumer, tel *Telemetry, log *zap.Logger) {
+	t := time.NewTicker(2 * time.Second)
+	defer t.Stop()
+	for {
+		info, err := cons.Info(ctx)
+		if err == nil {
+			tel.Lag.Set(float64(info.NumPending + uint64(info.NumAckPending)))
+		} else if ctx.Err() == nil {
+			log.Debug("consumer info", zap.Error(err))
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+func routes(tel *Telemetry, loop *natsjs.Loop, pool *pgxpool.Pool, nc *nats.Conn) http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
+		fmt.Fprintln(w, "ok")
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
+		ctx, cancel := context.WithTimeout(r.Context(), time.Second)
+		defer cancel()
+		var problems []string
+		if !nc.IsConnected() {
+			problems = append(problems, "nats: not connected")
+		}
+		if err := pool.Ping(ctx); err != nil {
+			problems = append(problems, "postgres: "+err.Error())
+		}
+		if !loop.Ready() {
+			problems = append(problems, "consumer: retrying a batch")
+		}
+		if len(problems) > 0 {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			for _, p := range problems {
+				fmt.Fprintln(w, p)
+			}
+			return
+		}
+		fmt.Fprintln(w, "ready")
+	})
+	mux.Handle("GET /metrics", promhttp.HandlerFor(tel.Registry, promhttp.HandlerOpts{}))
+	return mux
+}

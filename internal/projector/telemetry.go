@@ -1,0 +1,51 @@
+package projector
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+)
+
+// Telemetry is the projector's Prometheus metrics.
+type Telemetry struct {
+	Registry     *prometheus.Registry
+	Applied      prometheus.Counter
+	DeadLettered prometheus.Counter
+	Duplicates   prometheus.Counter
+	Lag          prometheus.Gauge
+	Retries      *prometheus.CounterVec
+	Batches      prometheus.Histogram
+}
+
+// NewTelemetry registers the metrics on a fresh registry (with the Go and
+// process collectors).
+func NewTelemetry() *Telemetry {
+	t := &Telemetry{
+		Registry: prometheus.NewRegistry(),
+		Applied: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "buildstate_events_applied_total", Help: "Valid events applied to the read model.",
+		}),
+		DeadLettered: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "buildstate_events_dead_lettered_total", Help: "Messages kept as dead letters.",
+		}),
+		Duplicates: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "buildstate_events_duplicates_total", Help: "Events ignored because their id was already applied.",
+		}),
+		Lag: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "buildstate_consumer_lag", Help: "Messages not yet acknowledged by the durable consumer (pending + ack pending).",
+		}),
+		Retries: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "buildstate_write_retries_total", Help: "Batch writes retried after a constraint violation, serialization failure or deadlock.",
+		}, []string{"sqlstate", "constraint"}),
+		Batches: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "buildstate_batch_seconds", Help: "Time to apply one batch.", Buckets: prometheus.ExponentialBuckets(0.001, 2, 14),
+		}),
+	}
+	t.Registry.MustRegister(t.Applied, t.DeadLettered, t.Duplicates, t.Lag, t.Retries, t.Batches,
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return t
+}
+
+// WriteRetried counts a retried write (projection.Observer).
+func (t *Telemetry) WriteRetried(sqlstate, constraint string) {
+	t.Retries.WithLabelValues(sqlstate, constraint).Inc()
+}
