@@ -1,0 +1,210 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/buildstate/buildstate/internal/events"
+	"github.com/buildstate/buildstate/internal/natsjs"
+	"github.com/buildstate/buildstate/internal/testenv"
+)
+
+func TestMain(m *testing.M) { testenv.Main(m) }
+
+// syncBuffer is a bytes.Buffer safe for a writer and a reader.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+type env struct {
+	dbURL, natsURL string
+	js             jetstream.JetStream
+}
+
+func (e env) getenv(k string) string {
+	return map[string]string{"DATABASE_URL": e.dbURL, "NATS_URL": e.natsURL, "PROJECTOR_HTTP_ADDR": "127.0.0.1:0"}[k]
+}
+
+func newEnv(t *testing.T) env {
+	t.Helper()
+	natsURL, _ := testenv.NATS(t)
+	nc, err := nats.Connect(natsURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := natsjs.EnsureStream(context.Background(), js, "BUILDS", "builds", 1); err != nil {
+		t.Fatal(err)
+	}
+	return env{dbURL: testenv.Database(t), natsURL: natsURL, js: js}
+}
+
+func publish(t *testing.T, js jetstream.JetStream, ev events.Event) {
+	t.Helper()
+	body, err := ev.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := js.Publish(context.Background(), events.Subject("builds", ev.ProjectID, ev.Kind()), body, jetstream.WithMsgID(ev.ID)); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// cli runs the command in-process and returns its stdout.
+func cli(t *testing.T, e env, args ...string) string {
+	t.Helper()
+	var out, errb bytes.Buffer
+	if err := run(context.Background(), append([]string{"projector"}, args...), e.getenv, &out, &errb); err != nil {
+		t.Fatalf("projector %s: %v\n%s", strings.Join(args, " "), err, errb.String())
+	}
+	return out.String()
+}
+
+func TestRunEndToEnd(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	t0 := time.Now().Add(-10 * time.Minute).UTC()
+	fw := "astro"
+	evs := []events.Event{
+		events.New(events.KindCompleted, "p-1", "b-1", t0.Add(3*time.Second), events.Data{Outcome: events.OutcomeFailed}),
+		events.New(events.KindMetricsRecorded, "p-1", "b-1", t0.Add(2*time.Second), events.Data{Framework: &fw}),
+		events.New(events.KindStarted, "p-1", "b-1", t0.Add(time.Second), events.Data{}),
+		events.New(events.KindQueued, "p-1", "b-1", t0, events.Data{}),
+	}
+	for _, ev := range evs {
+		publish(t, e.js, ev)
+	}
+	// One poison message in the middle: it must not block the one behind it.
+	if _, err := e.js.Publish(context.Background(), "builds.p-2.queued", []byte(`{"spec_version":1,`)); err != nil {
+		t.Fatal(err)
+	}
+	publish(t, e.js, events.New(events.KindQueued, "p-2", "b-2", t0, events.Data{}))
+
+	ctx, cancel := context.WithCancel(context.Background())
+	logs := &syncBuffer{}
+	done := make(chan error, 1)
+	go func() { done <- run(ctx, []string{"projector", "run"}, e.getenv, io.Discard, logs) }()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("run = %v; want nil after stop\n%s", err, logs.String())
+		}
+	}()
+
+	deadline := time.Now().Add(20 * time.Second)
+	var status struct {
+		Project struct {
+			BuildStatus    string  `json:"build_status"`
+			CurrentBuildID *string `json:"current_build_id"`
+			Framework      *string `json:"framework"`
+		} `json:"project"`
+	}
+	for {
+		var out, errb bytes.Buffer
+		err := run(context.Background(), []string{"projector", "status", "p-2", "--json"}, e.getenv, &out, &errb)
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("p-2 never appeared: %v\nlogs:\n%s", err, logs.String())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if err := json.Unmarshal([]byte(cli(t, e, "status", "p-1", "--json")), &status); err != nil {
+		t.Fatal(err)
+	}
+	if status.Project.BuildStatus != "failed" || status.Project.CurrentBuildID == nil || *status.Project.CurrentBuildID != "b-1" ||
+		status.Project.Framework == nil || *status.Project.Framework != fw {
+		t.Errorf("status p-1 = %+v; want failed, current b-1, framework %s", status.Project, fw)
+	}
+	human := cli(t, e, "status", "p-1")
+	for _, want := range []string{"failed", "b-1", "astro"} {
+		if !strings.Contains(human, want) {
+			t.Errorf("status p-1 output lacks %q:\n%s", want, human)
+		}
+	}
+	dl := cli(t, e, "dead-letters")
+	var got []map[string]any
+	for _, line := range strings.Split(strings.TrimSpace(dl), "\n") {
+		var m map[string]any
+		if err := json.Unmarshal([]byte(line), &m); err != nil {
+			t.Fatalf("dead-letters line %q: %v", line, err)
+		}
+		got = append(got, m)
+	}
+	if len(got) != 1 || got[0]["reason"] != string(events.ReasonMalformedJSON) || got[0]["subject"] != "builds.p-2.queued" || got[0]["stream_seq"] != float64(5) {
+		t.Errorf("dead-letters = %v; want one malformed_json at seq 5", got)
+	}
+	if !strings.Contains(logs.String(), `"projector consuming"`) {
+		t.Errorf("logs are not JSON with the start message:\n%s", logs.String())
+	}
+	addr := httpAddr(t, logs.String())
+	for path, want := range map[string]string{
+		"/healthz": "ok",
+		"/readyz":  "ready",
+		"/metrics": "buildstate_events_dead_lettered_total 1",
+	} {
+		body := get(t, "http://"+addr+path)
+		if !strings.Contains(body, want) {
+			t.Errorf("GET %s = %q; want it to contain %q", path, body, want)
+		}
+	}
+	if body := get(t, "http://"+addr+"/metrics"); !strings.Contains(body, "buildstate_events_applied_total 5") {
+		t.Errorf("/metrics lacks applied 5:\n%s", body)
+	}
+}
+
+// httpAddr finds the listener address in the JSON start log line.
+func httpAddr(t *testing.T, logs string) string {
+	t.Helper()
+	for _, line := range strings.Split(logs, "\n") {
+		var m map[string]any
+		if json.Unmarshal([]byte(line), &m) == nil && m["msg"] == "projector consuming" {
+			return fmt.Sprint(m["http"])
+		}
+	}
+	t.Fatalf("no start line in logs:\n%s", logs)
+	return ""
+}
+
+func get(t *testing.T, url string) string {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
