@@ -114,6 +114,7 @@ type MetricsRow struct {
 	BuildID        string
 	ProjectID      string
 	Status         string
+	QueuedAt       *time.Time
 	StartedAt      time.Time
 	CompletedAt    *time.Time
 	DurationMS     *int64
@@ -204,6 +205,9 @@ func metricsRow(b *Build) MetricsRow {
 		NodeVersion:    b.Metrics.Data.NodeVersion,
 		PackageManager: b.Metrics.Data.PackageManager,
 		Attempt:        b.Metrics.Data.Attempt,
+	}
+	if b.Queued != nil {
+		m.QueuedAt = ptr(b.Queued.At)
 	}
 	if b.Started != nil {
 		m.StartedAt = b.Started.At

@@ -195,6 +195,7 @@ func SameRow(a, b *Row) bool {
 // SameMetrics reports whether two metrics rows are equal.
 func SameMetrics(a, b MetricsRow) bool {
 	return a.BuildID == b.BuildID && a.ProjectID == b.ProjectID && a.Status == b.Status &&
+		eqTime(a.QueuedAt, b.QueuedAt) &&
 		a.StartedAt.Equal(b.StartedAt) && eqTime(a.CompletedAt, b.CompletedAt) &&
 		eq(a.DurationMS, b.DurationMS) && eq(a.Framework, b.Framework) && eq(a.NodeVersion, b.NodeVersion) &&
 		eq(a.PackageManager, b.PackageManager) && eq(a.Attempt, b.Attempt) && eq(a.Error, b.Error)

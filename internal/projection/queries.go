@@ -32,6 +32,7 @@ type MetricsRow struct {
 	PackageManager *string    `json:"package_manager"`
 	Attempt        *int64     `json:"attempt"`
 	Error          *string    `json:"error"`
+	QueuedAt       *time.Time `json:"queued_at"`
 }
 
 // DeadLetter is a kept message that could not be applied.
@@ -48,7 +49,7 @@ type DeadLetter struct {
 
 const projectColumns = `project_id, build_status, current_build_id, last_build_started, last_build_completed, framework, updated_at`
 
-const metricsColumns = `build_id, project_id, status, started_at, completed_at, duration_ms, framework, node_version, package_manager, attempt, error`
+const metricsColumns = `build_id, project_id, status, started_at, completed_at, duration_ms, framework, node_version, package_manager, attempt, error, queued_at`
 
 // Project returns one project's row, or pgx.ErrNoRows.
 func (s *Store) Project(ctx context.Context, projectID string) (ProjectRow, error) {

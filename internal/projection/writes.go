@@ -94,14 +94,14 @@ SET build_status = excluded.build_status, last_build_started = excluded.last_bui
 
 const writeMetricsSQL = `
 INSERT INTO project_build_metrics (build_id, project_id, status, started_at, completed_at, duration_ms,
-    framework, node_version, package_manager, attempt, error)
+    framework, node_version, package_manager, attempt, error, queued_at)
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[], $6::bigint[],
-    $7::text[], $8::text[], $9::text[], $10::bigint[], $11::text[])
+    $7::text[], $8::text[], $9::text[], $10::bigint[], $11::text[], $12::timestamptz[])
 ON CONFLICT (build_id) DO UPDATE
 SET project_id = excluded.project_id, status = excluded.status, started_at = excluded.started_at,
     completed_at = excluded.completed_at, duration_ms = excluded.duration_ms, framework = excluded.framework,
     node_version = excluded.node_version, package_manager = excluded.package_manager,
-    attempt = excluded.attempt, error = excluded.error`
+    attempt = excluded.attempt, error = excluded.error, queued_at = excluded.queued_at`
 
 // Phase 2: the current build pointer, once its metrics row exists.
 const pointCurrentSQL = `
@@ -134,7 +134,7 @@ func queuePlans(b *pgx.Batch, plans []fsm.Plan) {
 	}
 	if len(mc.builds) > 0 {
 		b.Queue(writeMetricsSQL, mc.builds, mc.projects, mc.statuses, mc.started, mc.completed, mc.durations,
-			mc.frameworks, mc.nodes, mc.managers, mc.attempts, mc.errors)
+			mc.frameworks, mc.nodes, mc.managers, mc.attempts, mc.errors, mc.queued)
 	}
 	if len(cur.projects) > 0 {
 		b.Queue(pointCurrentSQL, cur.projects, cur.builds)
@@ -158,7 +158,7 @@ func (c *statusCols) add(r *fsm.Row) {
 type metricsCols struct {
 	builds, projects, statuses          []string
 	started                             []time.Time
-	completed                           []*time.Time
+	completed, queued                   []*time.Time
 	durations, attempts                 []*int64
 	frameworks, nodes, managers, errors []*string
 }
@@ -175,4 +175,5 @@ func (c *metricsCols) add(m *fsm.MetricsRow) {
 	c.managers = append(c.managers, m.PackageManager)
 	c.attempts = append(c.attempts, m.Attempt)
 	c.errors = append(c.errors, m.Error)
+	c.queued = append(c.queued, m.QueuedAt)
 }
