@@ -55,8 +55,15 @@ CREATE TABLE projector_facts (
     project_id  text NOT NULL,
     event_id    text NOT NULL,
     occurred_at timestamptz NOT NULL,
-    data        jsonb NOT NULL,
     stream_seq  bigint NOT NULL,
+    -- the event's data, typed (each kind uses its own subset)
+    framework       text,
+    node_version    text,
+    package_manager text,
+    attempt         bigint,
+    outcome         text,
+    duration_ms     bigint,
+    error           text,
     PRIMARY KEY (build_id, kind)
 );
 

@@ -6,7 +6,7 @@ package events
 import (
 	"crypto/sha256"
 	"encoding/json"
-	"fmt"
+	"strconv"
 	"strings"
 	"time"
 
@@ -143,11 +143,39 @@ func (e Event) Marshal() ([]byte, error) {
 // Digest is a hash of the canonical encoding; two events with one id and
 // different digests are a conflict.
 func (e Event) Digest() [32]byte {
-	b, err := e.Marshal()
-	if err != nil {
-		// Marshal of these plain types cannot fail; keep the hash defined anyway.
-		b = fmt.Appendf(nil, "%#v", e)
+	// Every field of the canonical content, each ended by a byte that cannot
+	// occur in it (0xff is never in UTF-8); absent optional fields differ
+	// from empty ones.
+	d := e.Data.only(e.Kind())
+	b := make([]byte, 0, 256)
+	field := func(s string) { b = append(append(b, s...), 0xff) }
+	opt := func(s *string) {
+		if s == nil {
+			b = append(b, 0xfe)
+			return
+		}
+		field(*s)
 	}
+	num := func(n *int64) {
+		if n == nil {
+			b = append(b, 0xfe)
+			return
+		}
+		field(strconv.FormatInt(*n, 10))
+	}
+	field(strconv.Itoa(e.SpecVersion))
+	field(e.ID)
+	field(e.Type)
+	field(e.ProjectID)
+	field(e.BuildID)
+	field(e.OccurredAt.UTC().Format(time.RFC3339Nano))
+	opt(d.Framework)
+	opt(d.NodeVersion)
+	opt(d.PackageManager)
+	num(d.Attempt)
+	field(string(d.Outcome))
+	num(d.DurationMS)
+	opt(d.Error)
 	return sha256.Sum256(b)
 }
 

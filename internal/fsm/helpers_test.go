@@ -96,8 +96,8 @@ func showView(v fsm.View) string {
 }
 
 func showMetrics(m fsm.MetricsRow) string {
-	return fmt.Sprintf("metrics{%s/%s %s started=%s completed=%s dur=%s fw=%s node=%s pm=%s attempt=%s err=%s}",
-		m.ProjectID, m.BuildID, m.Status, showTime(&m.StartedAt), showTime(m.CompletedAt), showInt(m.DurationMS),
+	return fmt.Sprintf("metrics{%s/%s %s queued=%s started=%s completed=%s dur=%s fw=%s node=%s pm=%s attempt=%s err=%s}",
+		m.ProjectID, m.BuildID, m.Status, showTime(m.QueuedAt), showTime(&m.StartedAt), showTime(m.CompletedAt), showInt(m.DurationMS),
 		showStr(m.Framework), showStr(m.NodeVersion), showStr(m.PackageManager), showInt(m.Attempt), showStr(m.Error))
 }
 

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sort"
+	"sync"
 	"time"
 
 	lfsm "github.com/looplab/fsm"
@@ -98,17 +99,34 @@ func Decide(ctx context.Context, projectID string, before, after View) (Plan, er
 		return plan, err
 	}
 	plan.Event = event
-	m := lfsm.NewFSM(string(from), Transitions, lfsm.Callbacks{
-		"after_event": func(_ context.Context, e *lfsm.Event) {
-			plan.To = Status(e.Dst)
-			plan.Actions = writes(projectID, Status(e.Dst), before, after)
-		},
-	})
-	if err := m.Event(ctx, event); err != nil && !errors.As(err, &lfsm.NoTransitionError{}) {
+	m := machines.Get().(*lfsm.FSM)
+	defer machines.Put(m)
+	m.SetState(string(from))
+	d := &decision{plan: &plan, before: before, after: after}
+	if err := m.Event(ctx, event, d); err != nil && !errors.As(err, &lfsm.NoTransitionError{}) {
 		return plan, fmt.Errorf("project %s: %s in state %s: %w", projectID, event, from, err)
 	}
 	return plan, nil
 }
+
+// decision is what a transition's callback needs to emit a plan's writes.
+type decision struct {
+	plan          *Plan
+	before, after View
+}
+
+// machines are reused: building a looplab machine costs more than deciding.
+// Each one's state is set before every use; the callback takes its inputs
+// from the event's arguments.
+var machines = sync.Pool{New: func() any {
+	return lfsm.NewFSM(string(StatusNone), Transitions, lfsm.Callbacks{
+		"after_event": func(_ context.Context, e *lfsm.Event) {
+			d := e.Args[0].(*decision)
+			d.plan.To = Status(e.Dst)
+			d.plan.Actions = writes(d.plan.ProjectID, Status(e.Dst), d.before, d.after)
+		},
+	})
+}}
 
 // NewMachine returns a machine in the given state with the lifecycle table,
 // for rendering and inspection.

@@ -6,12 +6,13 @@ package projection
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"hash/fnv"
 	"math/rand/v2"
+	"slices"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -160,7 +161,7 @@ func (s *Store) prepare(b *batch, msgs []Message) {
 	for _, m := range sorted {
 		ev, err := events.Decode(s.opts.Prefix, m.Subject, m.Data, m.StoredAt)
 		if err != nil {
-			b.dead = append(b.dead, deadLetter{msg: m, reason: events.ReasonOf(err), detail: err.Error()})
+			b.dead = append(b.dead, deadLetter{msg: m, reason: events.ReasonOf(err), detail: detailOf(err)})
 			continue
 		}
 		d := ev.Digest()
@@ -184,35 +185,45 @@ func (s *Store) applyOnce(ctx context.Context, b batch) (Result, error) {
 		return Result{}, fmt.Errorf("begin: %w", err)
 	}
 	defer tx.Rollback(ctx) //nolint:errcheck // after Commit this is a no-op
+	st, err := s.read(ctx, tx, b)
+	if err != nil {
+		return Result{}, err
+	}
 	res := Result{Duplicates: b.dups}
 	dead := append([]deadLetter(nil), b.dead...)
-	if err := s.lock(ctx, tx, b.cands); err != nil {
-		return Result{}, err
-	}
-	if len(b.redrive) > 0 {
-		if _, err := tx.Exec(ctx, `DELETE FROM projector_dead_letters WHERE stream_seq = ANY($1)`, b.redrive); err != nil {
-			return Result{}, fmt.Errorf("take out dead letters: %w", err)
+	var fresh []candidate
+	var undo []string // ids marked applied by this batch whose event is refused after all
+	for _, c := range b.cands {
+		if owner := st.owners[c.ev.BuildID]; owner != c.ev.ProjectID {
+			dead = append(dead, deadLetter{msg: c.msg, reason: events.ReasonBuildProjectClash,
+				detail: fmt.Sprintf("build %q belongs to project %q, not %q", c.ev.BuildID, owner, c.ev.ProjectID)})
+			if st.marked[c.ev.ID] {
+				undo = append(undo, c.ev.ID)
+			}
+			continue
 		}
+		if st.marked[c.ev.ID] {
+			fresh = append(fresh, c)
+			continue
+		}
+		if string(st.digests[c.ev.ID]) == string(c.digest) {
+			res.Duplicates++
+			continue
+		}
+		dead = append(dead, deadLetter{msg: c.msg, reason: events.ReasonIDConflict,
+			detail: fmt.Sprintf("id %q was applied before with different content", c.ev.ID)})
 	}
-	cands, conflicts, err := claimBuilds(ctx, tx, b.cands)
-	if err != nil {
-		return Result{}, err
-	}
-	dead = append(dead, conflicts...)
-	cands, dups, conflicts, err := markApplied(ctx, tx, cands)
-	if err != nil {
-		return Result{}, err
-	}
-	res.Duplicates += dups
-	dead = append(dead, conflicts...)
-	res.Applied = len(cands)
+	res.Applied = len(fresh)
 	res.DeadLettered = len(dead)
 
-	plans, facts, err := s.decide(ctx, tx, cands)
+	plans, facts, err := decide(ctx, st.facts, fresh)
 	if err != nil {
 		return Result{}, err
 	}
 	wb := &pgx.Batch{}
+	if len(undo) > 0 {
+		wb.Queue(`DELETE FROM projector_applied WHERE event_id = ANY($1::text[])`, undo)
+	}
 	queueFacts(wb, facts)
 	queueDeadLetters(wb, dead, b.retries)
 	queuePlans(wb, plans)
@@ -225,32 +236,103 @@ func (s *Store) applyOnce(ctx context.Context, b batch) (Result, error) {
 	return res, nil
 }
 
-// lock takes the rebuild gate (shared) and one advisory lock per project, in
-// key order so that concurrent projectors cannot deadlock on them.
-func (s *Store) lock(ctx context.Context, tx pgx.Tx, cands []candidate) error {
-	keys := make([]int64, 0, len(cands))
-	seen := map[string]bool{}
-	for _, c := range cands {
-		if !seen[c.ev.ProjectID] {
-			seen[c.ev.ProjectID] = true
-			keys = append(keys, lockKey(c.ev.ProjectID))
-		}
-	}
-	sort.Slice(keys, func(i, j int) bool { return keys[i] < keys[j] })
-	lb := &pgx.Batch{}
+// state is what a batch needs to know from the database.
+type state struct {
+	owners  map[string]string                // build id → owning project
+	marked  map[string]bool                  // event ids this batch marked applied
+	digests map[string][]byte                // digests of ids applied before
+	facts   map[string]map[string]*fsm.Build // project → build id → stored facts
+}
+
+// read sends, in one round trip and in this order: the rebuild gate
+// (shared) and one advisory lock per project, in key order so that
+// concurrent projectors cannot deadlock on them; the removal of re-driven
+// dead letters; the claim of every build (the first project to name a build
+// owns it); the mark of every event id as applied; and the stored facts of
+// every project the batch touches.
+func (s *Store) read(ctx context.Context, tx pgx.Tx, b batch) (state, error) {
+	st := state{owners: map[string]string{}, marked: map[string]bool{}, digests: map[string][]byte{}}
+	projects, keys := projectsOf(b.cands)
+	builds, owners := buildsOf(b.cands)
+	ids, digests, seqs := idsOf(b.cands)
+
+	rb := &pgx.Batch{}
 	if s.opts.Gate {
-		lb.Queue(`SELECT pg_advisory_xact_lock_shared($1::int4, $2::int4)`, gateClass, gateID)
+		rb.Queue(`SELECT pg_advisory_xact_lock_shared($1::int4, $2::int4)`, gateClass, gateID)
 	}
 	if len(keys) > 0 {
-		lb.Queue(`SELECT count(pg_advisory_xact_lock(k)) FROM unnest($1::bigint[]) AS k`, keys)
+		rb.Queue(`SELECT count(pg_advisory_xact_lock(k)) FROM unnest($1::bigint[]) AS k`, keys)
 	}
-	if lb.Len() == 0 {
-		return nil
+	if len(b.redrive) > 0 {
+		rb.Queue(`DELETE FROM projector_dead_letters WHERE stream_seq = ANY($1)`, b.redrive)
 	}
-	if err := tx.SendBatch(ctx, lb).Close(); err != nil {
-		return fmt.Errorf("lock projects: %w", err)
+	if len(b.cands) > 0 {
+		rb.Queue(claimBuildsSQL, builds, owners).Query(func(rows pgx.Rows) error {
+			var id, project string
+			_, err := pgx.ForEachRow(rows, []any{&id, &project}, func() error {
+				st.owners[id] = project
+				return nil
+			})
+			return err
+		})
+		rb.Queue(markAppliedSQL, ids, digests, seqs).Query(func(rows pgx.Rows) error {
+			var id string
+			var digest []byte
+			var inserted bool
+			_, err := pgx.ForEachRow(rows, []any{&id, &digest, &inserted}, func() error {
+				if inserted {
+					st.marked[id] = true
+				} else {
+					st.digests[id] = append([]byte(nil), digest...)
+				}
+				return nil
+			})
+			return err
+		})
+		rb.Queue(loadFactsSQL, projects).Query(func(rows pgx.Rows) error {
+			var err error
+			st.facts, err = scanFacts(rows)
+			return err
+		})
 	}
-	return nil
+	if err := tx.SendBatch(ctx, rb).Close(); err != nil {
+		return state{}, fmt.Errorf("read: %w", err)
+	}
+	// A row committed by a concurrent transaction after this statement's
+	// snapshot is not returned by the statements above: read it afresh.
+	var missingBuilds, missingIDs []string
+	for _, id := range builds {
+		if _, ok := st.owners[id]; !ok {
+			missingBuilds = append(missingBuilds, id)
+		}
+	}
+	for _, id := range ids {
+		if _, ok := st.digests[id]; !ok && !st.marked[id] {
+			missingIDs = append(missingIDs, id)
+		}
+	}
+	if len(missingBuilds) > 0 {
+		rows, _ := tx.Query(ctx, `SELECT build_id, project_id FROM projector_builds WHERE build_id = ANY($1::text[])`, missingBuilds)
+		var id, project string
+		if _, err := pgx.ForEachRow(rows, []any{&id, &project}, func() error {
+			st.owners[id] = project
+			return nil
+		}); err != nil {
+			return state{}, fmt.Errorf("read build owners: %w", err)
+		}
+	}
+	if len(missingIDs) > 0 {
+		rows, _ := tx.Query(ctx, `SELECT event_id, digest FROM projector_applied WHERE event_id = ANY($1::text[])`, missingIDs)
+		var id string
+		var digest []byte
+		if _, err := pgx.ForEachRow(rows, []any{&id, &digest}, func() error {
+			st.digests[id] = append([]byte(nil), digest...)
+			return nil
+		}); err != nil {
+			return state{}, fmt.Errorf("read applied digests: %w", err)
+		}
+	}
+	return st, nil
 }
 
 func lockKey(projectID string) int64 {
@@ -259,135 +341,89 @@ func lockKey(projectID string) int64 {
 	return int64(h.Sum64())
 }
 
-const claimBuildsSQL = `
-INSERT INTO projector_builds (build_id, project_id)
-SELECT * FROM unnest($1::text[], $2::text[])
-ON CONFLICT (build_id) DO NOTHING`
-
-const buildOwnersSQL = `SELECT build_id, project_id FROM projector_builds WHERE build_id = ANY($1::text[])`
-
-// claimBuilds records the owner of each new build and refuses events that
-// name a build already owned by another project.
-func claimBuilds(ctx context.Context, tx pgx.Tx, cands []candidate) ([]candidate, []deadLetter, error) {
-	if len(cands) == 0 {
-		return nil, nil, nil
+// projectsOf lists the batch's projects and their lock keys in key order.
+func projectsOf(cands []candidate) ([]string, []int64) {
+	seen := map[string]bool{}
+	var projects []string
+	for _, c := range cands {
+		if !seen[c.ev.ProjectID] {
+			seen[c.ev.ProjectID] = true
+			projects = append(projects, c.ev.ProjectID)
+		}
 	}
-	owner := map[string]string{} // first claim in sequence order, inside the batch
+	keys := make([]int64, len(projects))
+	for i, p := range projects {
+		keys[i] = lockKey(p)
+	}
+	slices.Sort(keys)
+	return projects, keys
+}
+
+// buildsOf lists the batch's builds in id order (one insertion order for
+// every projector) with the project that names each first.
+func buildsOf(cands []candidate) (builds, owners []string) {
+	owner := map[string]string{}
 	for _, c := range cands {
 		if _, ok := owner[c.ev.BuildID]; !ok {
 			owner[c.ev.BuildID] = c.ev.ProjectID
+			builds = append(builds, c.ev.BuildID)
 		}
 	}
-	ids := make([]string, 0, len(owner))
-	for id := range owner {
-		ids = append(ids, id)
+	slices.Sort(builds)
+	owners = make([]string, len(builds))
+	for i, b := range builds {
+		owners[i] = owner[b]
 	}
-	sort.Strings(ids) // one insertion order for every projector
-	projects := make([]string, len(ids))
-	for i, id := range ids {
-		projects[i] = owner[id]
-	}
-	if _, err := tx.Exec(ctx, claimBuildsSQL, ids, projects); err != nil {
-		return nil, nil, fmt.Errorf("claim builds: %w", err)
-	}
-	rows, err := tx.Query(ctx, buildOwnersSQL, ids)
-	if err != nil {
-		return nil, nil, fmt.Errorf("read build owners: %w", err)
-	}
-	stored := map[string]string{}
-	var id, project string
-	if _, err := pgx.ForEachRow(rows, []any{&id, &project}, func() error {
-		stored[id] = project
-		return nil
-	}); err != nil {
-		return nil, nil, fmt.Errorf("read build owners: %w", err)
-	}
-	var ok []candidate
-	var dead []deadLetter
-	for _, c := range cands {
-		if p := stored[c.ev.BuildID]; p != c.ev.ProjectID {
-			dead = append(dead, deadLetter{msg: c.message(), reason: events.ReasonBuildProjectClash,
-				detail: fmt.Sprintf("build %q belongs to project %q, not %q", c.ev.BuildID, p, c.ev.ProjectID)})
-			continue
-		}
-		ok = append(ok, c)
-	}
-	return ok, dead, nil
+	return builds, owners
 }
 
-const markAppliedSQL = `
-INSERT INTO projector_applied (event_id, digest, stream_seq)
-SELECT * FROM unnest($1::text[], $2::bytea[], $3::bigint[])
-ON CONFLICT (event_id) DO NOTHING
-RETURNING event_id`
-
-const appliedDigestsSQL = `SELECT event_id, digest FROM projector_applied WHERE event_id = ANY($1::text[])`
-
-// markApplied records each event id as applied; an id applied before is a
-// duplicate when its content matches and a conflict when it does not.
-func markApplied(ctx context.Context, tx pgx.Tx, cands []candidate) (fresh []candidate, dups int, dead []deadLetter, err error) {
-	if len(cands) == 0 {
-		return nil, 0, nil, nil
-	}
-	sorted := append([]candidate(nil), cands...)
-	sort.Slice(sorted, func(i, j int) bool { return sorted[i].ev.ID < sorted[j].ev.ID })
-	ids := make([]string, len(sorted))
-	digests := make([][]byte, len(sorted))
-	seqs := make([]int64, len(sorted))
+// idsOf lists the batch's event ids in id order with digests and sequences.
+func idsOf(cands []candidate) (ids []string, digests [][]byte, seqs []int64) {
+	sorted := slices.Clone(cands)
+	slices.SortFunc(sorted, func(a, b candidate) int { return strings.Compare(a.ev.ID, b.ev.ID) })
+	ids, digests, seqs = make([]string, len(sorted)), make([][]byte, len(sorted)), make([]int64, len(sorted))
 	for i, c := range sorted {
 		ids[i], digests[i], seqs[i] = c.ev.ID, c.digest, int64(c.seq)
 	}
-	rows, err := tx.Query(ctx, markAppliedSQL, ids, digests, seqs)
-	if err != nil {
-		return nil, 0, nil, fmt.Errorf("mark applied: %w", err)
-	}
-	inserted, err := pgx.CollectRows(rows, pgx.RowTo[string])
-	if err != nil {
-		return nil, 0, nil, fmt.Errorf("mark applied: %w", err)
-	}
-	isNew := make(map[string]bool, len(inserted))
-	for _, id := range inserted {
-		isNew[id] = true
-	}
-	var old []string
-	for _, c := range cands {
-		if isNew[c.ev.ID] {
-			fresh = append(fresh, c)
-		} else {
-			old = append(old, c.ev.ID)
-		}
-	}
-	if len(old) == 0 {
-		return fresh, 0, nil, nil
-	}
-	rows, err = tx.Query(ctx, appliedDigestsSQL, old)
-	if err != nil {
-		return nil, 0, nil, fmt.Errorf("read applied digests: %w", err)
-	}
-	stored := map[string][]byte{}
-	var id string
-	var digest []byte
-	if _, err := pgx.ForEachRow(rows, []any{&id, &digest}, func() error {
-		stored[id] = append([]byte(nil), digest...)
-		return nil
-	}); err != nil {
-		return nil, 0, nil, fmt.Errorf("read applied digests: %w", err)
-	}
-	for _, c := range cands {
-		if isNew[c.ev.ID] {
-			continue
-		}
-		if string(stored[c.ev.ID]) == string(c.digest) {
-			dups++
-			continue
-		}
-		dead = append(dead, deadLetter{msg: c.message(), reason: events.ReasonIDConflict,
-			detail: fmt.Sprintf("id %q was applied before with different content", c.ev.ID)})
-	}
-	return fresh, dups, dead, nil
+	return ids, digests, seqs
 }
 
+// claimBuildsSQL claims unowned builds and returns the owner of every build
+// named: the new rows from the insert, the existing ones from the table.
+const claimBuildsSQL = `
+WITH ins AS (
+    INSERT INTO projector_builds (build_id, project_id)
+    SELECT * FROM unnest($1::text[], $2::text[])
+    ON CONFLICT (build_id) DO NOTHING
+    RETURNING build_id, project_id)
+SELECT build_id, project_id FROM ins
+UNION ALL
+SELECT b.build_id, b.project_id FROM projector_builds b
+WHERE b.build_id = ANY($1::text[]) AND NOT EXISTS (SELECT 1 FROM ins WHERE ins.build_id = b.build_id)`
+
+// markAppliedSQL marks new ids applied and returns, for ids applied before,
+// their stored digest (a repeat with the same digest is a duplicate).
+const markAppliedSQL = `
+WITH ins AS (
+    INSERT INTO projector_applied (event_id, digest, stream_seq)
+    SELECT * FROM unnest($1::text[], $2::bytea[], $3::bigint[])
+    ON CONFLICT (event_id) DO NOTHING
+    RETURNING event_id)
+SELECT event_id, NULL::bytea, true FROM ins
+UNION ALL
+SELECT a.event_id, a.digest, false FROM projector_applied a
+WHERE a.event_id = ANY($1::text[]) AND NOT EXISTS (SELECT 1 FROM ins WHERE ins.event_id = a.event_id)`
+
 func (c candidate) message() Message { return c.msg }
+
+// detailOf is the human part of a rejection (the reason has its own column).
+func detailOf(err error) string {
+	var ie *events.InvalidError
+	if errors.As(err, &ie) {
+		return ie.Detail
+	}
+	return err.Error()
+}
 
 // factRow is one projector_facts row to write.
 type factRow struct {
@@ -399,41 +435,28 @@ type factRow struct {
 }
 
 const loadFactsSQL = `
-SELECT build_id, kind, project_id, event_id, occurred_at, data
+SELECT build_id, kind, project_id, event_id, occurred_at,
+       framework, node_version, package_manager, attempt, outcome, duration_ms, error
 FROM projector_facts WHERE project_id = ANY($1::text[])`
 
-// decide loads the facts of every project the batch touches, folds the new
-// events in, and asks each project's machine for its plan.
-func (s *Store) decide(ctx context.Context, tx pgx.Tx, cands []candidate) ([]fsm.Plan, []factRow, error) {
+// decide folds the new events into the stored facts of their projects and
+// asks each project's machine for its plan.
+func decide(ctx context.Context, before map[string]map[string]*fsm.Build, cands []candidate) ([]fsm.Plan, []factRow, error) {
 	if len(cands) == 0 {
 		return nil, nil, nil
 	}
-	var projectIDs []string
-	touched := map[string]bool{}
-	for _, c := range cands {
-		if !touched[c.ev.ProjectID] {
-			touched[c.ev.ProjectID] = true
-			projectIDs = append(projectIDs, c.ev.ProjectID)
-		}
-	}
-	sort.Strings(projectIDs)
-	before, err := loadFacts(ctx, tx, projectIDs)
-	if err != nil {
-		return nil, nil, err
-	}
 	after := map[string]map[string]*fsm.Build{}
-	for p, builds := range before {
-		after[p] = map[string]*fsm.Build{}
-		for id, b := range builds {
-			cp := *b
-			after[p][id] = &cp
-		}
-	}
+	var projectIDs []string
 	changed := map[[2]string]factRow{}
 	for _, c := range cands {
-		builds := after[c.ev.ProjectID]
-		if builds == nil {
-			builds = map[string]*fsm.Build{}
+		builds, ok := after[c.ev.ProjectID]
+		if !ok {
+			projectIDs = append(projectIDs, c.ev.ProjectID)
+			builds = make(map[string]*fsm.Build, len(before[c.ev.ProjectID])+1)
+			for id, b := range before[c.ev.ProjectID] {
+				cp := *b
+				builds[id] = &cp
+			}
 			after[c.ev.ProjectID] = builds
 		}
 		b := builds[c.ev.BuildID]
@@ -450,19 +473,22 @@ func (s *Store) decide(ctx context.Context, tx pgx.Tx, cands []candidate) ([]fsm
 	for _, f := range changed {
 		facts = append(facts, f)
 	}
-	sort.Slice(facts, func(i, j int) bool {
-		if facts[i].build.ID != facts[j].build.ID {
-			return facts[i].build.ID < facts[j].build.ID
+	slices.SortFunc(facts, func(a, b factRow) int {
+		if c := strings.Compare(a.build.ID, b.build.ID); c != 0 {
+			return c
 		}
-		return facts[i].kind < facts[j].kind
+		return strings.Compare(string(a.kind), string(b.kind))
 	})
+	slices.Sort(projectIDs)
 	plans := make([]fsm.Plan, 0, len(projectIDs))
 	for _, p := range projectIDs {
 		plan, err := fsm.Decide(ctx, p, fsm.Derive(p, values(before[p])), fsm.Derive(p, values(after[p])))
 		if err != nil {
 			return nil, nil, fmt.Errorf("decide: %w", err)
 		}
-		plans = append(plans, plan)
+		if len(plan.Actions) > 0 {
+			plans = append(plans, plan)
+		}
 	}
 	return plans, facts, nil
 }
@@ -475,21 +501,15 @@ func values(m map[string]*fsm.Build) []*fsm.Build {
 	return out
 }
 
-// loadFacts reads the stored builds of projects, by project and build id.
-func loadFacts(ctx context.Context, q pgx.Tx, projectIDs []string) (map[string]map[string]*fsm.Build, error) {
-	rows, err := q.Query(ctx, loadFactsSQL, projectIDs)
-	if err != nil {
-		return nil, fmt.Errorf("load facts: %w", err)
-	}
+// scanFacts reads loadFactsSQL's rows into builds by project and build id.
+func scanFacts(rows pgx.Rows) (map[string]map[string]*fsm.Build, error) {
 	out := map[string]map[string]*fsm.Build{}
 	var buildID, kind, projectID, eventID string
 	var at time.Time
-	var data []byte
-	_, err = pgx.ForEachRow(rows, []any{&buildID, &kind, &projectID, &eventID, &at, &data}, func() error {
-		var d events.Data
-		if err := json.Unmarshal(data, &d); err != nil {
-			return fmt.Errorf("fact %s/%s: %w", buildID, kind, err)
-		}
+	var d events.Data
+	var outcome *string
+	_, err := pgx.ForEachRow(rows, []any{&buildID, &kind, &projectID, &eventID, &at,
+		&d.Framework, &d.NodeVersion, &d.PackageManager, &d.Attempt, &outcome, &d.DurationMS, &d.Error}, func() error {
 		builds := out[projectID]
 		if builds == nil {
 			builds = map[string]*fsm.Build{}
@@ -500,7 +520,15 @@ func loadFacts(ctx context.Context, q pgx.Tx, projectIDs []string) (map[string]m
 			b = &fsm.Build{ID: buildID, ProjectID: projectID}
 			builds[buildID] = b
 		}
-		*b.Step(events.Kind(kind)) = &fsm.Step{EventID: eventID, At: at.UTC(), Data: d}
+		data := d
+		data.Outcome = ""
+		if outcome != nil {
+			data.Outcome = events.Outcome(*outcome)
+		}
+		*b.Step(events.Kind(kind)) = &fsm.Step{EventID: eventID, At: at.UTC(), Data: data}
+		// Fresh pointers for the next row: the scanned ones now belong to data.
+		d = events.Data{}
+		outcome = nil
 		return nil
 	})
 	if err != nil {

@@ -1,7 +1,6 @@
 package projection
 
 import (
-	"encoding/json"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -14,13 +13,15 @@ import (
 // actions are already in that order, so grouping them by kind keeps it.
 
 const upsertFactsSQL = `
-INSERT INTO projector_facts (build_id, kind, project_id, event_id, occurred_at, data, stream_seq)
-SELECT b, k, p, e, t, d::jsonb, s
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::text[], $7::bigint[])
-     AS u(b, k, p, e, t, d, s)
+INSERT INTO projector_facts (build_id, kind, project_id, event_id, occurred_at, stream_seq,
+    framework, node_version, package_manager, attempt, outcome, duration_ms, error)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::bigint[],
+    $7::text[], $8::text[], $9::text[], $10::bigint[], $11::text[], $12::bigint[], $13::text[])
 ON CONFLICT (build_id, kind) DO UPDATE
-SET event_id = excluded.event_id, occurred_at = excluded.occurred_at,
-    data = excluded.data, stream_seq = excluded.stream_seq
+SET event_id = excluded.event_id, occurred_at = excluded.occurred_at, stream_seq = excluded.stream_seq,
+    framework = excluded.framework, node_version = excluded.node_version,
+    package_manager = excluded.package_manager, attempt = excluded.attempt, outcome = excluded.outcome,
+    duration_ms = excluded.duration_ms, error = excluded.error
 WHERE (excluded.occurred_at, excluded.event_id) > (projector_facts.occurred_at, projector_facts.event_id)`
 
 func queueFacts(b *pgx.Batch, facts []factRow) {
@@ -28,14 +29,23 @@ func queueFacts(b *pgx.Batch, facts []factRow) {
 		return
 	}
 	n := len(facts)
-	builds, kinds, projects, ids, data := make([]string, n), make([]string, n), make([]string, n), make([]string, n), make([]string, n)
+	builds, kinds, projects, ids := make([]string, n), make([]string, n), make([]string, n), make([]string, n)
 	ats, seqs := make([]time.Time, n), make([]int64, n)
+	frameworks, nodes, managers, errs := make([]*string, n), make([]*string, n), make([]*string, n), make([]*string, n)
+	attempts, durations := make([]*int64, n), make([]*int64, n)
+	outcomes := make([]*string, n)
 	for i, f := range facts {
-		d, _ := json.Marshal(f.step.Data) // plain struct: cannot fail
-		builds[i], kinds[i], projects[i], ids[i], data[i] = f.build.ID, string(f.kind), f.project, f.step.EventID, string(d)
+		d := f.step.Data
+		builds[i], kinds[i], projects[i], ids[i] = f.build.ID, string(f.kind), f.project, f.step.EventID
 		ats[i], seqs[i] = f.step.At, int64(f.seq)
+		frameworks[i], nodes[i], managers[i], errs[i] = d.Framework, d.NodeVersion, d.PackageManager, d.Error
+		attempts[i], durations[i] = d.Attempt, d.DurationMS
+		if d.Outcome != "" {
+			o := string(d.Outcome)
+			outcomes[i] = &o
+		}
 	}
-	b.Queue(upsertFactsSQL, builds, kinds, projects, ids, ats, data, seqs)
+	b.Queue(upsertFactsSQL, builds, kinds, projects, ids, ats, seqs, frameworks, nodes, managers, attempts, outcomes, durations, errs)
 }
 
 const insertDeadLettersSQL = `
