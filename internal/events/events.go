@@ -4,6 +4,7 @@
 package events
 
 import (
+	"bytes"
 	"crypto/sha256"
 	"encoding/json"
 	"strconv"
@@ -137,7 +138,13 @@ func (e Event) Marshal() ([]byte, error) {
 	w := e
 	w.OccurredAt = e.OccurredAt.UTC()
 	w.Data = e.Data.only(e.Kind())
-	return json.Marshal(w)
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false) // keep "<" as one byte: the body limit is on what is sent
+	if err := enc.Encode(w); err != nil {
+		return nil, err
+	}
+	return bytes.TrimSuffix(buf.Bytes(), []byte("\n")), nil
 }
 
 // Digest is a hash of the canonical encoding; two events with one id and

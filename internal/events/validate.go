@@ -91,7 +91,10 @@ func Decode(prefix, subject string, body []byte, storedAt time.Time) (Event, err
 		return Event{}, invalid(ReasonNotUTF8, "body is not valid UTF-8")
 	}
 	var w wire
-	if err := json.Unmarshal(body, &w); err != nil {
+	if err := exactFields(body, map[string]any{
+		"spec_version": &w.SpecVersion, "id": &w.ID, "type": &w.Type, "project_id": &w.ProjectID,
+		"build_id": &w.BuildID, "occurred_at": &w.OccurredAt, "data": &w.Data,
+	}); err != nil {
 		return Event{}, invalid(ReasonMalformedJSON, "%v", err)
 	}
 	if w.SpecVersion == nil || *w.SpecVersion != SpecVersion {
@@ -164,6 +167,9 @@ func Validate(ev Event, storedAt time.Time) error {
 	if ev.OccurredAt.IsZero() {
 		return invalid(ReasonInvalidOccurredAt, "occurred_at is missing")
 	}
+	if y := ev.OccurredAt.UTC().Year(); y < 1 || y > 9999 {
+		return invalid(ReasonInvalidOccurredAt, "occurred_at %s is outside years 0001-9999 UTC", ev.OccurredAt.Format(time.RFC3339Nano))
+	}
 	if storedAt.IsZero() {
 		storedAt = time.Now()
 	}
@@ -202,36 +208,48 @@ func decodeData(kind Kind, raw json.RawMessage) (Data, error) {
 		return Data{}, invalid(ReasonInvalidData, "data must be a JSON object")
 	}
 	var d Data
-	var err error
+	var outcome *string
+	var fields map[string]any
 	switch kind {
+	case KindQueued:
+		fields = map[string]any{}
 	case KindStarted:
-		var v struct {
-			Framework *string `json:"framework"`
-		}
-		err = json.Unmarshal(raw, &v)
-		d.Framework = v.Framework
+		fields = map[string]any{"framework": &d.Framework}
 	case KindMetricsRecorded:
-		var v struct {
-			Framework      *string `json:"framework"`
-			NodeVersion    *string `json:"node_version"`
-			PackageManager *string `json:"package_manager"`
-			Attempt        *int64  `json:"attempt"`
-		}
-		err = json.Unmarshal(raw, &v)
-		d = Data{Framework: v.Framework, NodeVersion: v.NodeVersion, PackageManager: v.PackageManager, Attempt: v.Attempt}
+		fields = map[string]any{"framework": &d.Framework, "node_version": &d.NodeVersion,
+			"package_manager": &d.PackageManager, "attempt": &d.Attempt}
 	case KindCompleted:
-		var v struct {
-			Outcome    *string `json:"outcome"`
-			DurationMS *int64  `json:"duration_ms"`
-			Error      *string `json:"error"`
-		}
-		err = json.Unmarshal(raw, &v)
-		d = Data{Outcome: Outcome(deref(v.Outcome)), DurationMS: v.DurationMS, Error: v.Error}
+		fields = map[string]any{"outcome": &outcome, "duration_ms": &d.DurationMS, "error": &d.Error}
 	}
+	err := exactFields(raw, fields)
+	d.Outcome = Outcome(deref(outcome))
 	if err != nil {
 		return Data{}, invalid(ReasonInvalidData, "data: %v", err)
 	}
 	return d, nil
+}
+
+// exactFields decodes a JSON object, taking each named field only when its
+// key matches exactly (encoding/json alone would also take "ID" for "id");
+// other keys are ignored, as the contract says of unknown fields.
+func exactFields(obj []byte, fields map[string]any) error {
+	var m map[string]json.RawMessage
+	if err := json.Unmarshal(obj, &m); err != nil {
+		return err
+	}
+	if m == nil {
+		return errors.New("not a JSON object")
+	}
+	for name, dst := range fields {
+		raw, ok := m[name]
+		if !ok {
+			continue
+		}
+		if err := json.Unmarshal(raw, dst); err != nil {
+			return fmt.Errorf("field %s: %w", name, err)
+		}
+	}
+	return nil
 }
 
 func printable(s string) bool {

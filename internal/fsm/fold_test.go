@@ -191,12 +191,12 @@ func TestMergeReportsWins(t *testing.T) {
 		wins bool
 	}{
 		{started("b1", 10), true},
-		{started("b1", 10), false}, // the same event again
+		{started("b1", 10), false},                                      // the same event again
 		{e(events.KindStarted, "b1", "b1-r", 10, events.Data{}), false}, // tie, smaller id ("b1-r" < "b1-s")
 		{e(events.KindStarted, "b1", "b1-t", 10, events.Data{}), true},  // tie, greater id
 		{e(events.KindStarted, "b1", "zz", 9, events.Data{}), false},    // older
 		{e(events.KindStarted, "b1", "a", 11, events.Data{}), true},     // newer
-		{queued("b1", 0), true}, // another slot
+		{queued("b1", 0), true},                                         // another slot
 	}
 	for i, st := range steps {
 		if got := b.Merge(st.ev); got != st.wins {

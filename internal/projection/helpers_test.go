@@ -33,6 +33,12 @@ func newStore(t *testing.T, opts projection.Options) *projection.Store {
 		t.Fatal(err)
 	}
 	t.Cleanup(pool.Close)
+	if opts.Observer == nil {
+		// Every store of the suite counts constraint errors; none may occur.
+		obs := &countingObserver{}
+		opts.Observer = obs
+		t.Cleanup(func() { assertNoConstraintErrors(t, obs) })
+	}
 	return projection.New(pool, opts)
 }
 

@@ -22,7 +22,7 @@ SET event_id = excluded.event_id, occurred_at = excluded.occurred_at, stream_seq
     framework = excluded.framework, node_version = excluded.node_version,
     package_manager = excluded.package_manager, attempt = excluded.attempt, outcome = excluded.outcome,
     duration_ms = excluded.duration_ms, error = excluded.error
-WHERE (excluded.occurred_at, excluded.event_id) > (projector_facts.occurred_at, projector_facts.event_id)`
+WHERE (excluded.occurred_at, excluded.event_id COLLATE "C") > (projector_facts.occurred_at, projector_facts.event_id COLLATE "C")`
 
 func queueFacts(b *pgx.Batch, facts []factRow) {
 	if len(facts) == 0 {

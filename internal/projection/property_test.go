@@ -1,0 +1,695 @@
+package projection_test
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/buildstate/buildstate/internal/events"
+	"github.com/buildstate/buildstate/internal/projection"
+)
+
+// The property of issue 2's "Done when": the read model is a function of the
+// set of valid events. Random multi-build histories, applied in random
+// orders with random exact duplicates and random batch sizes, give the rows
+// of an independent model of the rules of §2, written below from the issue's
+// text (it does not call fsm.Derive). Every store counts the retried writes
+// by SQLSTATE; a check (23514) or foreign key (23503) violation fails the test.
+
+// countingObserver counts retried writes by SQLSTATE and constraint.
+type countingObserver struct {
+	mu sync.Mutex
+	n  map[string]int // "sqlstate constraint" -> count
+}
+
+func (o *countingObserver) WriteRetried(sqlstate, constraint string) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if o.n == nil {
+		o.n = map[string]int{}
+	}
+	o.n[sqlstate+" "+constraint]++
+}
+
+// constraintErrors is the number of retries caused by 23514 or 23503.
+func (o *countingObserver) constraintErrors() (int, map[string]int) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	total := 0
+	for k, n := range o.n {
+		if strings.HasPrefix(k, "23514 ") || strings.HasPrefix(k, "23503 ") {
+			total += n
+		}
+	}
+	return total, cloneCounts(o.n)
+}
+
+func cloneCounts(m map[string]int) map[string]int {
+	out := make(map[string]int, len(m))
+	for k, v := range m {
+		out[k] = v
+	}
+	return out
+}
+
+// newCountedStore gives the test its own migrated database and a store whose
+// retried writes are counted; when the test ends, it fails if any was a
+// constraint violation.
+func newCountedStore(t *testing.T) (*projection.Store, *countingObserver) {
+	t.Helper()
+	obs := &countingObserver{}
+	s := newStore(t, projection.Options{Gate: true, Observer: obs})
+	t.Cleanup(func() { assertNoConstraintErrors(t, obs) })
+	return s, obs
+}
+
+func assertNoConstraintErrors(t *testing.T, obs *countingObserver) {
+	t.Helper()
+	n, all := obs.constraintErrors()
+	if n != 0 {
+		t.Errorf("23514/23503 errors = %d (all retries: %v); want 0", n, all)
+	} else if len(all) > 0 {
+		t.Logf("retried writes (not constraint errors): %v", all)
+	}
+}
+
+// --- the generator ---------------------------------------------------------
+
+// genConfig shapes a generated history.
+type genConfig struct {
+	projects  int
+	maxBuilds int // builds per project: 1..maxBuilds
+}
+
+// generator makes histories with every irregularity the rules must handle:
+// builds without queued (requested at start), without start, invisible ones
+// (metrics or completion only), without metrics, unfinished, completion
+// before start (skew), metrics before start, overlapping builds, builds
+// requested at the same instant (tie to the greater build_id), corrections
+// (later occurred_at, new id, new data), stale re-sends (earlier
+// occurred_at), and re-sends at the same instant under another id (tie to the
+// greater id). Event ids mix cases, digits and punctuation, so the id tie
+// break is byte order, not any collation.
+type generator struct {
+	rng  *rand.Rand
+	ids  map[string]bool
+	base time.Time
+}
+
+func newGenerator(seed uint64) *generator {
+	return &generator{
+		rng:  rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15)),
+		ids:  map[string]bool{},
+		base: time.Now().UTC().Add(-30 * 24 * time.Hour).Truncate(time.Second),
+	}
+}
+
+func (g *generator) chance(p float64) bool { return g.rng.Float64() < p }
+
+// micros is a random duration in [lo, hi) at microsecond precision.
+func (g *generator) micros(lo, hi time.Duration) time.Duration {
+	return lo + time.Duration(g.rng.Int64N(int64((hi-lo)/time.Microsecond)))*time.Microsecond
+}
+
+const idChars = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz-_.:~"
+
+// id is a fresh event or build id.
+func (g *generator) id(prefix string) string {
+	for {
+		var sb strings.Builder
+		sb.WriteString(prefix)
+		for range 4 + g.rng.IntN(8) {
+			sb.WriteByte(idChars[g.rng.IntN(len(idChars))])
+		}
+		if s := sb.String(); !g.ids[s] {
+			g.ids[s] = true
+			return s
+		}
+	}
+}
+
+func pickStr(g *generator, xs ...string) *string {
+	i := g.rng.IntN(len(xs) + 1)
+	if i == len(xs) {
+		return nil
+	}
+	return &xs[i]
+}
+
+func (g *generator) data(k events.Kind) events.Data {
+	var d events.Data
+	switch k {
+	case events.KindStarted:
+		d.Framework = pickStr(g, "nextjs", "astro", "remix")
+	case events.KindMetricsRecorded:
+		d.Framework = pickStr(g, "nextjs", "astro", "sveltekit")
+		d.NodeVersion = pickStr(g, "20.11", "22.1")
+		d.PackageManager = pickStr(g, "npm", "pnpm", "yarn")
+		if g.chance(0.7) {
+			n := int64(1 + g.rng.IntN(3))
+			d.Attempt = &n
+		}
+	case events.KindCompleted:
+		d.Outcome = []events.Outcome{events.OutcomeSucceeded, events.OutcomeSucceeded, events.OutcomeFailed, events.OutcomeCanceled}[g.rng.IntN(4)]
+		if g.chance(0.8) {
+			n := g.rng.Int64N(900_000)
+			d.DurationMS = &n
+		}
+		if d.Outcome == events.OutcomeFailed && g.chance(0.8) {
+			d.Error = pickStr(g, "exit 1", "out of memory", "timeout")
+		}
+	}
+	return d
+}
+
+func (g *generator) event(k events.Kind, project, build string, at time.Time) events.Event {
+	ev := events.New(k, project, build, at, g.data(k))
+	ev.ID = g.id("")
+	return ev
+}
+
+// history returns the distinct events of cfg.projects projects named
+// prefix-<n>.
+func (g *generator) history(prefix string, cfg genConfig) []events.Event {
+	var out []events.Event
+	for p := range cfg.projects {
+		project := fmt.Sprintf("%s-%d", prefix, p)
+		cursor := g.base.Add(g.micros(0, 10*24*time.Hour))
+		var prevReq time.Time
+		for b := range 1 + g.rng.IntN(cfg.maxBuilds) {
+			build := g.id(project + "-b")
+			req := cursor
+			if b > 0 && g.chance(0.1) {
+				req = prevReq // requested at the same instant as the previous build
+			}
+			prevReq = req
+			// Overlapping builds: the next one may be requested before this one ends.
+			cursor = cursor.Add(g.micros(time.Second, 20*time.Minute))
+
+			hasQ, hasS := !g.chance(0.2), !g.chance(0.2)
+			hasM, hasC := g.chance(0.7), g.chance(0.7)
+			if !hasQ && !hasS && g.chance(0.5) {
+				hasM = true // an invisible build with a metrics row
+			}
+			sAt := req.Add(g.micros(0, 5*time.Minute))
+			if !hasQ {
+				sAt = req
+			}
+			mAt := sAt.Add(g.micros(time.Microsecond, 5*time.Minute))
+			if g.chance(0.1) {
+				mAt = sAt.Add(-g.micros(time.Microsecond, time.Minute)) // metrics before start (skew)
+			}
+			cAt := sAt.Add(g.micros(10*time.Second, 15*time.Minute))
+			if g.chance(0.15) {
+				cAt = sAt.Add(-g.micros(time.Microsecond, 5*time.Minute)) // completion before start (skew)
+			}
+			for _, st := range []struct {
+				k  events.Kind
+				ok bool
+				at time.Time
+			}{
+				{events.KindQueued, hasQ, req}, {events.KindStarted, hasS, sAt},
+				{events.KindMetricsRecorded, hasM, mAt}, {events.KindCompleted, hasC, cAt},
+			} {
+				if !st.ok {
+					continue
+				}
+				out = append(out, g.event(st.k, project, build, st.at))
+				if g.chance(0.12) { // correction: later, new id, new data
+					out = append(out, g.event(st.k, project, build, st.at.Add(g.micros(time.Microsecond, 3*time.Minute))))
+				}
+				if g.chance(0.08) { // stale re-send: earlier, loses
+					out = append(out, g.event(st.k, project, build, st.at.Add(-g.micros(time.Microsecond, 3*time.Minute))))
+				}
+				if g.chance(0.1) { // same instant, another id: the greater id wins
+					out = append(out, g.event(st.k, project, build, st.at))
+				}
+			}
+		}
+	}
+	return out
+}
+
+// delivery is the events in a random order with random exact duplicates
+// (0..dupRate copies per event on average).
+func (g *generator) delivery(evs []events.Event, dupRate float64) (out []events.Event, dups int) {
+	out = slices.Clone(evs)
+	for range int(float64(len(evs)) * dupRate) {
+		out = append(out, evs[g.rng.IntN(len(evs))])
+		dups++
+	}
+	g.rng.Shuffle(len(out), func(i, j int) { out[i], out[j] = out[j], out[i] })
+	return out, dups
+}
+
+// batches cuts n items into consecutive random sizes in [1, max].
+func (g *generator) batches(n, max int) [][2]int {
+	var out [][2]int
+	for i := 0; i < n; {
+		j := min(n, i+1+g.rng.IntN(max))
+		out = append(out, [2]int{i, j})
+		i = j
+	}
+	return out
+}
+
+// --- the independent model ------------------------------------------------
+
+// modelBuild is what counts of one build: the winning event of each kind.
+type modelBuild struct {
+	id, project string
+	q, s, m, c  *events.Event
+}
+
+// later is §2's winner rule: the later occurred_at; ties to the greater id.
+func later(a, b events.Event) bool {
+	if a.OccurredAt.Equal(b.OccurredAt) {
+		return a.ID > b.ID
+	}
+	return a.OccurredAt.After(b.OccurredAt)
+}
+
+// model computes the rows §2 says the events give, by brute force.
+func model(evs []events.Event) (map[string]projection.ProjectRow, map[string]projection.MetricsRow) {
+	type key struct {
+		build string
+		kind  events.Kind
+	}
+	win := map[key]events.Event{}
+	for _, ev := range evs {
+		k := key{ev.BuildID, ev.Kind()}
+		if old, ok := win[k]; !ok || later(ev, old) {
+			win[k] = ev
+		}
+	}
+	builds := map[string]*modelBuild{}
+	for k, ev := range win {
+		b := builds[k.build]
+		if b == nil {
+			b = &modelBuild{id: k.build, project: ev.ProjectID}
+			builds[k.build] = b
+		}
+		ev := ev
+		switch k.kind {
+		case events.KindQueued:
+			b.q = &ev
+		case events.KindStarted:
+			b.s = &ev
+		case events.KindMetricsRecorded:
+			b.m = &ev
+		case events.KindCompleted:
+			b.c = &ev
+		}
+	}
+
+	metrics := map[string]projection.MetricsRow{}
+	byProject := map[string][]*modelBuild{}
+	for _, b := range builds {
+		byProject[b.project] = append(byProject[b.project], b)
+		if b.m == nil {
+			continue
+		}
+		r := projection.MetricsRow{BuildID: b.id, ProjectID: b.project, Status: "building", StartedAt: b.m.OccurredAt,
+			Framework: buildFramework(b), NodeVersion: b.m.Data.NodeVersion, PackageManager: b.m.Data.PackageManager,
+			Attempt: b.m.Data.Attempt}
+		if b.s != nil {
+			r.StartedAt = b.s.OccurredAt
+		}
+		if b.q != nil {
+			r.QueuedAt = &b.q.OccurredAt
+		}
+		if b.c != nil {
+			r.Status = string(b.c.Data.Outcome)
+			done := b.c.OccurredAt
+			if done.Before(r.StartedAt) {
+				done = r.StartedAt
+			}
+			r.CompletedAt = &done
+			r.DurationMS, r.Error = b.c.Data.DurationMS, b.c.Data.Error
+		}
+		metrics[b.id] = r
+	}
+
+	projects := map[string]projection.ProjectRow{}
+	for p, bs := range byProject {
+		newest := newestWhere(bs, func(*modelBuild) bool { return true })
+		if newest == nil {
+			continue // no visible build: no row
+		}
+		row := projection.ProjectRow{ProjectID: p, BuildStatus: "queued"}
+		switch {
+		case newest.c != nil:
+			row.BuildStatus = map[events.Outcome]string{events.OutcomeSucceeded: "deployed",
+				events.OutcomeFailed: "failed", events.OutcomeCanceled: "canceled"}[newest.c.Data.Outcome]
+		case newest.s != nil:
+			row.BuildStatus = "building"
+		}
+		if b := newestWhere(bs, func(b *modelBuild) bool { return b.s != nil }); b != nil {
+			st := b.s.OccurredAt
+			row.LastBuildStarted = &st
+			if b.c != nil {
+				done := b.c.OccurredAt
+				if done.Before(st) {
+					done = st
+				}
+				row.LastBuildCompleted = &done
+			}
+		}
+		if b := newestWhere(bs, func(b *modelBuild) bool { return b.m != nil }); b != nil {
+			id := b.id
+			row.CurrentBuildID = &id
+		}
+		// Not in §2's text; the code's rule: the newest visible build that reports a framework.
+		if b := newestWhere(bs, func(b *modelBuild) bool { return buildFramework(b) != nil }); b != nil {
+			row.Framework = buildFramework(b)
+		}
+		projects[p] = row
+	}
+	return projects, metrics
+}
+
+// requestedAt is the build's queued time, else its started time; ok is false
+// for a build that is not visible.
+func requestedAt(b *modelBuild) (time.Time, bool) {
+	if b.q != nil {
+		return b.q.OccurredAt, true
+	}
+	if b.s != nil {
+		return b.s.OccurredAt, true
+	}
+	return time.Time{}, false
+}
+
+// newestWhere is the visible build with the greatest (requested time,
+// build_id) among those pred accepts, or nil.
+func newestWhere(bs []*modelBuild, pred func(*modelBuild) bool) *modelBuild {
+	var best *modelBuild
+	var bestAt time.Time
+	for _, b := range bs {
+		at, ok := requestedAt(b)
+		if !ok || !pred(b) {
+			continue
+		}
+		if best == nil || at.After(bestAt) || (at.Equal(bestAt) && b.id > best.id) {
+			best, bestAt = b, at
+		}
+	}
+	return best
+}
+
+// buildFramework is the framework the build's data reports: the metrics
+// event's, else the started event's.
+func buildFramework(b *modelBuild) *string {
+	if b.m != nil && b.m.Data.Framework != nil {
+		return b.m.Data.Framework
+	}
+	if b.s != nil {
+		return b.s.Data.Framework
+	}
+	return nil
+}
+
+// --- comparing rows --------------------------------------------------------
+
+func readModel(t *testing.T, s *projection.Store) (map[string]projection.ProjectRow, map[string]projection.MetricsRow) {
+	t.Helper()
+	ctx := context.Background()
+	ps, err := s.Projects(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ms, err := s.Metrics(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	projects := map[string]projection.ProjectRow{}
+	for _, p := range ps {
+		projects[p.ProjectID] = p
+	}
+	metrics := map[string]projection.MetricsRow{}
+	for _, m := range ms {
+		metrics[m.BuildID] = m
+	}
+	return projects, metrics
+}
+
+func fmtStr(s *string) string {
+	if s == nil {
+		return "NULL"
+	}
+	return fmt.Sprintf("%q", *s)
+}
+
+func fmtTime(t *time.Time) string {
+	if t == nil {
+		return "NULL"
+	}
+	return t.UTC().Format(time.RFC3339Nano)
+}
+
+func fmtInt(n *int64) string {
+	if n == nil {
+		return "NULL"
+	}
+	return fmt.Sprint(*n)
+}
+
+// projectLine is every column but updated_at.
+func projectLine(r projection.ProjectRow) string {
+	return fmt.Sprintf("status=%s current=%s started=%s completed=%s framework=%s", r.BuildStatus,
+		fmtStr(r.CurrentBuildID), fmtTime(r.LastBuildStarted), fmtTime(r.LastBuildCompleted), fmtStr(r.Framework))
+}
+
+func metricsLine(m projection.MetricsRow) string {
+	return fmt.Sprintf("project=%s status=%s queued=%s started=%s completed=%s duration=%s framework=%s node=%s pm=%s attempt=%s error=%s",
+		m.ProjectID, m.Status, fmtTime(m.QueuedAt), fmtTime(&m.StartedAt), fmtTime(m.CompletedAt), fmtInt(m.DurationMS),
+		fmtStr(m.Framework), fmtStr(m.NodeVersion), fmtStr(m.PackageManager), fmtInt(m.Attempt), fmtStr(m.Error))
+}
+
+// diffRows lists the rows that differ (at most 10 of each table).
+func diffRows(gotP, wantP map[string]projection.ProjectRow, gotM, wantM map[string]projection.MetricsRow) []string {
+	var out []string
+	add := func(format string, args ...any) {
+		if len(out) < 20 {
+			out = append(out, fmt.Sprintf(format, args...))
+		}
+	}
+	for _, id := range unionKeys(gotP, wantP) {
+		g, gok := gotP[id]
+		w, wok := wantP[id]
+		switch {
+		case !gok:
+			add("projects %s missing; want %s", id, projectLine(w))
+		case !wok:
+			add("projects %s = %s; want no row", id, projectLine(g))
+		case projectLine(g) != projectLine(w):
+			add("projects %s\n    got  %s\n    want %s", id, projectLine(g), projectLine(w))
+		}
+	}
+	for _, id := range unionKeys(gotM, wantM) {
+		g, gok := gotM[id]
+		w, wok := wantM[id]
+		switch {
+		case !gok:
+			add("project_build_metrics %s missing; want %s", id, metricsLine(w))
+		case !wok:
+			add("project_build_metrics %s = %s; want no row", id, metricsLine(g))
+		case metricsLine(g) != metricsLine(w):
+			add("project_build_metrics %s\n    got  %s\n    want %s", id, metricsLine(g), metricsLine(w))
+		}
+	}
+	return out
+}
+
+func unionKeys[V any](a, b map[string]V) []string {
+	seen := map[string]bool{}
+	for k := range a {
+		seen[k] = true
+	}
+	for k := range b {
+		seen[k] = true
+	}
+	keys := make([]string, 0, len(seen))
+	for k := range seen {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	return keys
+}
+
+// checkAgainstModel fails the test if the store's rows are not the model's.
+func checkAgainstModel(t *testing.T, s *projection.Store, evs []events.Event) {
+	t.Helper()
+	gotP, gotM := readModel(t, s)
+	wantP, wantM := model(evs)
+	if d := diffRows(gotP, wantP, gotM, wantM); len(d) > 0 {
+		t.Errorf("read model differs from the model of §2 (%d projects, %d metrics rows expected):\n  %s",
+			len(wantP), len(wantM), strings.Join(d, "\n  "))
+	}
+}
+
+// applyAll applies the messages in the given batches and sums the results.
+func applyAll(t *testing.T, s *projection.Store, ms []projection.Message, cuts [][2]int) projection.Result {
+	t.Helper()
+	var sum projection.Result
+	for _, c := range cuts {
+		res, err := s.Apply(context.Background(), ms[c[0]:c[1]])
+		if err != nil {
+			t.Fatalf("Apply(messages %d..%d) = %v", c[0], c[1], err)
+		}
+		sum.Applied += res.Applied
+		sum.Duplicates += res.Duplicates
+		sum.DeadLettered += res.DeadLettered
+	}
+	return sum
+}
+
+// --- the tests -------------------------------------------------------------
+
+func TestModelByHand(t *testing.T) {
+	t.Parallel()
+	// A small hand-checked history, to keep the model honest.
+	t0 := time.Now().UTC().Add(-time.Hour).Truncate(time.Second)
+	ev := func(k events.Kind, build, id string, sec int, d events.Data) events.Event {
+		e := events.New(k, "p", build, t0.Add(time.Duration(sec)*time.Second), d)
+		e.ID = id
+		return e
+	}
+	evs := []events.Event{
+		ev(events.KindQueued, "b1", "1", 0, events.Data{}),
+		ev(events.KindStarted, "b1", "2", 10, events.Data{Framework: str("nextjs")}),
+		ev(events.KindMetricsRecorded, "b1", "3", 20, events.Data{}),
+		ev(events.KindCompleted, "b1", "4", 5, events.Data{Outcome: events.OutcomeFailed}),
+		ev(events.KindCompleted, "b1", "5", 5, events.Data{Outcome: events.OutcomeSucceeded}), // tie, greater id
+		ev(events.KindQueued, "b2", "6", 30, events.Data{}),
+		ev(events.KindMetricsRecorded, "b3", "7", 99, events.Data{}), // invisible
+	}
+	p, m := model(evs)
+	row := p["p"]
+	if got := projectLine(row); got != fmt.Sprintf("status=queued current=\"b1\" started=%s completed=%s framework=\"nextjs\"",
+		t0.Add(10*time.Second).Format(time.RFC3339Nano), t0.Add(10*time.Second).Format(time.RFC3339Nano)) {
+		t.Errorf("model row = %s", got)
+	}
+	if len(m) != 2 || m["b1"].Status != "succeeded" || !m["b3"].StartedAt.Equal(t0.Add(99*time.Second)) {
+		t.Errorf("model metrics = %v", m)
+	}
+}
+
+// TestAnyOrderAnyDuplicates is the property: for several seeds, a history of
+// 200 projects is applied in two random orders, each with random duplicates
+// and random batch sizes, to two fresh stores; both equal the model and each
+// other, and the counts add up.
+func TestAnyOrderAnyDuplicates(t *testing.T) {
+	t.Parallel()
+	for seed := uint64(1); seed <= 5; seed++ {
+		t.Run(fmt.Sprintf("seed=%d", seed), func(t *testing.T) {
+			t.Parallel()
+			g := newGenerator(seed)
+			distinct := g.history(fmt.Sprintf("s%d", seed), genConfig{projects: 200, maxBuilds: 6})
+			var stores [2]*projection.Store
+			for i := range stores {
+				s, _ := newCountedStore(t)
+				stores[i] = s
+				delivered, dups := g.delivery(distinct, 0.1+0.3*g.rng.Float64())
+				ms := msgs(t, 1, delivered...)
+				cuts := g.batches(len(ms), 500)
+				start := time.Now()
+				res := applyAll(t, s, ms, cuts)
+				t.Logf("store %d: %d messages (%d distinct, %d duplicates) in %d batches: %v",
+					i, len(ms), len(distinct), dups, len(cuts), time.Since(start).Round(time.Millisecond))
+				if res.Applied != len(distinct) || res.Duplicates != dups || res.DeadLettered != 0 {
+					t.Errorf("store %d: Apply totals = %+v; want %d applied, %d duplicates, 0 dead-lettered",
+						i, res, len(distinct), dups)
+				}
+				checkAgainstModel(t, s, distinct)
+			}
+			p0, m0 := readModel(t, stores[0])
+			p1, m1 := readModel(t, stores[1])
+			if d := diffRows(p1, p0, m1, m0); len(d) > 0 {
+				t.Errorf("two orders of the same events give different rows (got: 2nd order, want: 1st):\n  %s", strings.Join(d, "\n  "))
+			}
+			// Applying everything once more changes nothing.
+			ms := msgs(t, 1_000_000, distinct...)
+			res := applyAll(t, stores[0], ms, g.batches(len(ms), 500))
+			if res.Applied != 0 || res.Duplicates != len(distinct) {
+				t.Errorf("re-apply totals = %+v; want 0 applied, %d duplicates", res, len(distinct))
+			}
+			p, m := readModel(t, stores[0])
+			if d := diffRows(p, p0, m, m0); len(d) > 0 {
+				t.Errorf("re-applying the same events changed the rows:\n  %s", strings.Join(d, "\n  "))
+			}
+			for id, r := range p {
+				if !r.UpdatedAt.Equal(p0[id].UpdatedAt) {
+					t.Errorf("re-applying the same events touched projects %s (updated_at %v -> %v)", id, p0[id].UpdatedAt, r.UpdatedAt)
+					break
+				}
+			}
+		})
+	}
+}
+
+// TestConcurrentProjectors applies disjoint shuffled slices of one history
+// (with duplicates) from several goroutines at once to one store, as several
+// projectors sharing the work would; the result is the model's.
+func TestConcurrentProjectors(t *testing.T) {
+	t.Parallel()
+	const workers = 4
+	g := newGenerator(42)
+	distinct := g.history("c", genConfig{projects: 150, maxBuilds: 6})
+	delivered, dups := g.delivery(distinct, 0.25)
+	ms := msgs(t, 1, delivered...)
+	s, _ := newCountedStore(t)
+
+	slicesOf := make([][]projection.Message, workers)
+	for _, m := range ms {
+		w := g.rng.IntN(workers)
+		slicesOf[w] = append(slicesOf[w], m)
+	}
+	cuts := make([][][2]int, workers)
+	for w := range workers {
+		cuts[w] = g.batches(len(slicesOf[w]), 100)
+	}
+	var wg sync.WaitGroup
+	results := make([]projection.Result, workers)
+	errs := make([]error, workers)
+	start := time.Now()
+	for w := range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for _, c := range cuts[w] {
+				res, err := s.Apply(context.Background(), slicesOf[w][c[0]:c[1]])
+				if err != nil {
+					errs[w] = fmt.Errorf("worker %d: Apply(%d..%d) = %w", w, c[0], c[1], err)
+					return
+				}
+				results[w].Applied += res.Applied
+				results[w].Duplicates += res.Duplicates
+				results[w].DeadLettered += res.DeadLettered
+			}
+		}()
+	}
+	wg.Wait()
+	t.Logf("%d workers, %d messages (%d distinct, %d duplicates): %v", workers, len(ms), len(distinct), dups,
+		time.Since(start).Round(time.Millisecond))
+	for _, err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	var sum projection.Result
+	for _, r := range results {
+		sum.Applied += r.Applied
+		sum.Duplicates += r.Duplicates
+		sum.DeadLettered += r.DeadLettered
+	}
+	if sum.Applied != len(distinct) || sum.Duplicates != dups || sum.DeadLettered != 0 {
+		t.Errorf("Apply totals = %+v; want %d applied, %d duplicates, 0 dead-lettered", sum, len(distinct), dups)
+	}
+	checkAgainstModel(t, s, distinct)
+}
