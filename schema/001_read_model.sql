@@ -47,6 +47,8 @@ CREATE TABLE projector_builds (
     project_id text NOT NULL
 );
 
+CREATE INDEX projector_builds_project_idx ON projector_builds (project_id);
+
 -- The winning event per build and kind (latest occurred_at, ties to the
 -- greater id): the facts the read model is derived from.
 CREATE TABLE projector_facts (
@@ -67,7 +69,16 @@ CREATE TABLE projector_facts (
     PRIMARY KEY (build_id, kind)
 );
 
-CREATE INDEX projector_facts_project_idx ON projector_facts (project_id);
+
+-- The builds each project's row is derived from (fsm.Roles): a batch loads
+-- these and its own builds, not the project's whole history.
+CREATE TABLE projector_roles (
+    project_id      text PRIMARY KEY,
+    newest_build    text,
+    started_build   text,
+    current_build   text,
+    framework_build text
+);
 
 -- Every applied event id with a digest of its content: the mark that an event
 -- is applied, written in the same transaction as the rows it changed.

@@ -6,7 +6,7 @@
 package fsm
 
 import (
-	"sort"
+	"slices"
 	"time"
 
 	"github.com/buildstate/buildstate/internal/events"
@@ -131,38 +131,102 @@ type View struct {
 	Metrics map[string]MetricsRow // by build id
 }
 
-// Derive applies the read-model rules (docs/contract.md) to a project's builds.
+// Roles names the builds a project's row is derived from: the newest
+// visible build (status), the newest with a start (the two times), the newest
+// with metrics (current build) and the newest reporting a framework. Each is
+// the greatest by (requested time, build id) among the builds that qualify;
+// "" when none does.
+type Roles struct {
+	Newest, Started, Current, Framework string
+}
+
+// Holds reports whether build id holds any role.
+func (r Roles) Holds(id string) bool {
+	return id != "" && (r.Newest == id || r.Started == id || r.Current == id || r.Framework == id)
+}
+
+// IDs lists the distinct role holders.
+func (r Roles) IDs() []string {
+	var out []string
+	for _, id := range []string{r.Newest, r.Started, r.Current, r.Framework} {
+		if id != "" && !slices.Contains(out, id) {
+			out = append(out, id)
+		}
+	}
+	return out
+}
+
+// RolesOf finds the role holders among builds.
+func RolesOf(builds []*Build) Roles {
+	var newest, started, current, fw *Build
+	for _, b := range builds {
+		if _, ok := b.requested(); !ok {
+			continue
+		}
+		if newest == nil || newer(b, newest) {
+			newest = b
+		}
+		if b.Started != nil && (started == nil || newer(b, started)) {
+			started = b
+		}
+		if b.Metrics != nil && (current == nil || newer(b, current)) {
+			current = b
+		}
+		if framework(b) != nil && (fw == nil || newer(b, fw)) {
+			fw = b
+		}
+	}
+	id := func(b *Build) string {
+		if b == nil {
+			return ""
+		}
+		return b.ID
+	}
+	return Roles{Newest: id(newest), Started: id(started), Current: id(current), Framework: id(fw)}
+}
+
+// Demoted reports whether a merge may have cost the build a role to a build
+// that is not in view: its requested time went down (a queued event earlier
+// than its start arrived) or it stopped reporting a framework. A store that
+// derives from the role holders and the changed builds only must then load
+// all of the project's builds.
+func Demoted(before, after *Build) bool {
+	tb, okb := before.requested()
+	ta, _ := after.requested()
+	if okb && ta.Before(tb) {
+		return true
+	}
+	return framework(before) != nil && framework(after) == nil
+}
+
+// Derive applies the read-model rules (docs/contract.md) to a project's
+// builds: all of them, or at least its role holders and every build whose
+// metrics row is wanted.
 func Derive(projectID string, builds []*Build) View {
 	v := View{Metrics: map[string]MetricsRow{}}
-	visible := make([]*Build, 0, len(builds))
+	byID := make(map[string]*Build, len(builds))
 	for _, b := range builds {
+		byID[b.ID] = b
 		if b.Metrics != nil {
 			v.Metrics[b.ID] = metricsRow(b)
 		}
-		if _, ok := b.requested(); ok {
-			visible = append(visible, b)
-		}
 	}
-	if len(visible) == 0 {
+	r := RolesOf(builds)
+	if r.Newest == "" {
 		return v
 	}
-	sort.Slice(visible, func(i, j int) bool { return newer(visible[i], visible[j]) })
-	newest := visible[0]
-	row := &Row{ProjectID: projectID, Status: statusOf(newest)}
-	for _, b := range visible {
-		if b.Started != nil && row.LastBuildStarted == nil {
-			started := b.Started.At
-			row.LastBuildStarted = &started
-			if b.Completed != nil {
-				row.LastBuildCompleted = ptr(later(b.Completed.At, started))
-			}
+	row := &Row{ProjectID: projectID, Status: statusOf(byID[r.Newest])}
+	if b := byID[r.Started]; b != nil {
+		row.LastBuildStarted = ptr(b.Started.At)
+		if b.Completed != nil {
+			row.LastBuildCompleted = ptr(later(b.Completed.At, b.Started.At))
 		}
-		if b.Metrics != nil && row.CurrentBuildID == nil {
-			row.CurrentBuildID = ptr(b.ID)
-		}
-		if row.Framework == nil {
-			row.Framework = framework(b)
-		}
+	}
+	if r.Current != "" {
+		row.CurrentBuildID = ptr(r.Current)
+	}
+	if b := byID[r.Framework]; b != nil {
+		row.Framework = framework(b)
 	}
 	v.Row = row
 	return v

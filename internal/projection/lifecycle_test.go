@@ -118,3 +118,52 @@ func deref(s *string) string {
 	}
 	return *s
 }
+
+// A late queued event can move a build back in time: the store must then
+// derive from the project's whole history, not only the builds it tracks.
+func TestLateQueuedDemotesNewestBuild(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	s := newStore(t, projection.Options{Gate: true})
+	t0 := time.Now().Add(-time.Hour).UTC().Truncate(time.Second)
+	steps := []events.Event{
+		events.New(events.KindQueued, "p-9", "b-old", t0.Add(10*time.Second), events.Data{}),
+		events.New(events.KindStarted, "p-9", "b-old", t0.Add(11*time.Second), events.Data{Framework: str("vite")}),
+		events.New(events.KindMetricsRecorded, "p-9", "b-old", t0.Add(12*time.Second), events.Data{}),
+		events.New(events.KindCompleted, "p-9", "b-old", t0.Add(13*time.Second), events.Data{Outcome: events.OutcomeSucceeded}),
+		// Third build: requested at 15 s, only queued.
+		events.New(events.KindQueued, "p-9", "b-mid", t0.Add(15*time.Second), events.Data{}),
+		// b-new is seen started at 20 s (so it is the newest) ...
+		events.New(events.KindStarted, "p-9", "b-new", t0.Add(20*time.Second), events.Data{}),
+	}
+	for i, ev := range steps {
+		if _, err := s.Apply(ctx, msgs(t, uint64(i+1), ev)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	row, err := s.Project(ctx, "p-9")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if row.BuildStatus != "building" {
+		t.Fatalf("before the late queued event: build_status = %q; want building (b-new)", row.BuildStatus)
+	}
+	// ... until its queued event, at 5 s, arrives: now b-mid (15 s) is the newest.
+	late := events.New(events.KindQueued, "p-9", "b-new", t0.Add(5*time.Second), events.Data{})
+	if _, err := s.Apply(ctx, msgs(t, 10, late)); err != nil {
+		t.Fatal(err)
+	}
+	row, err = s.Project(ctx, "p-9")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if row.BuildStatus != "queued" {
+		t.Errorf("after the late queued event: build_status = %q; want queued (b-mid is newest)", row.BuildStatus)
+	}
+	if row.LastBuildStarted == nil || !row.LastBuildStarted.Equal(t0.Add(11*time.Second)) {
+		t.Errorf("last_build_started = %v; want b-old's start %v (b-new now ranks below b-old)", row.LastBuildStarted, t0.Add(11*time.Second))
+	}
+	if row.CurrentBuildID == nil || *row.CurrentBuildID != "b-old" {
+		t.Errorf("current_build_id = %v; want b-old", deref(row.CurrentBuildID))
+	}
+}

@@ -216,7 +216,10 @@ func (s *Store) applyOnce(ctx context.Context, b batch) (Result, error) {
 	res.Applied = len(fresh)
 	res.DeadLettered = len(dead)
 
-	plans, facts, err := decide(ctx, st.facts, fresh)
+	dec, err := decide(ctx, st.facts, fresh, func(ctx context.Context, projects []string) (map[string]map[string]*fsm.Build, error) {
+		rows, _ := tx.Query(ctx, loadProjectsSQL, projects)
+		return scanFacts(rows)
+	})
 	if err != nil {
 		return Result{}, err
 	}
@@ -224,9 +227,10 @@ func (s *Store) applyOnce(ctx context.Context, b batch) (Result, error) {
 	if len(undo) > 0 {
 		wb.Queue(`DELETE FROM projector_applied WHERE event_id = ANY($1::text[])`, undo)
 	}
-	queueFacts(wb, facts)
+	queueFacts(wb, dec.facts)
+	queueRoles(wb, dec.roles)
 	queueDeadLetters(wb, dead, b.retries)
-	queuePlans(wb, plans)
+	queuePlans(wb, dec.plans)
 	if err := tx.SendBatch(ctx, wb).Close(); err != nil {
 		return Result{}, fmt.Errorf("write: %w", err)
 	}
@@ -289,7 +293,7 @@ func (s *Store) read(ctx context.Context, tx pgx.Tx, b batch) (state, error) {
 			})
 			return err
 		})
-		rb.Queue(loadFactsSQL, projects).Query(func(rows pgx.Rows) error {
+		rb.Queue(loadViewSQL, builds, projects).Query(func(rows pgx.Rows) error {
 			var err error
 			st.facts, err = scanFacts(rows)
 			return err
@@ -434,63 +438,142 @@ type factRow struct {
 	project string
 }
 
-const loadFactsSQL = `
-SELECT build_id, kind, project_id, event_id, occurred_at,
-       framework, node_version, package_manager, attempt, outcome, duration_ms, error
-FROM projector_facts WHERE project_id = ANY($1::text[])`
+const factColumns = `f.build_id, f.kind, f.project_id, f.event_id, f.occurred_at,
+       f.framework, f.node_version, f.package_manager, f.attempt, f.outcome, f.duration_ms, f.error`
+
+// loadViewSQL loads what a batch needs: the facts of its own builds ($1) and
+// of the role holders of its projects ($2), both as primary-key lookups.
+const loadViewSQL = `
+SELECT ` + factColumns + ` FROM projector_facts f
+WHERE f.build_id = ANY($1::text[])
+   OR f.build_id = ANY(ARRAY(
+        SELECT unnest(ARRAY[r.newest_build, r.started_build, r.current_build, r.framework_build])
+        FROM projector_roles r WHERE r.project_id = ANY($2::text[])))`
+
+// loadProjectsSQL loads whole histories, for the rare batch that demotes a
+// role holder (fsm.Demoted).
+const loadProjectsSQL = `
+SELECT ` + factColumns + ` FROM projector_builds b JOIN projector_facts f ON f.build_id = b.build_id
+WHERE b.project_id = ANY($1::text[])`
+
+// decision is the outcome of folding a batch into its projects.
+type decision struct {
+	plans []fsm.Plan
+	facts []factRow
+	roles map[string]fsm.Roles // projects whose role holders changed
+}
+
+// loader reads whole histories of projects.
+type loader func(ctx context.Context, projectIDs []string) (map[string]map[string]*fsm.Build, error)
 
 // decide folds the new events into the stored facts of their projects and
-// asks each project's machine for its plan.
-func decide(ctx context.Context, before map[string]map[string]*fsm.Build, cands []candidate) ([]fsm.Plan, []factRow, error) {
+// asks each project's machine for its plan. before holds each project's role
+// holders and the batch's builds; a project where that is not enough (a
+// holder was demoted) is decided again on its whole history from load.
+func decide(ctx context.Context, before map[string]map[string]*fsm.Build, cands []candidate, load loader) (decision, error) {
+	d := decision{roles: map[string]fsm.Roles{}}
 	if len(cands) == 0 {
-		return nil, nil, nil
+		return d, nil
 	}
-	after := map[string]map[string]*fsm.Build{}
+	byProject := map[string][]candidate{}
 	var projectIDs []string
+	for _, c := range cands {
+		if _, ok := byProject[c.ev.ProjectID]; !ok {
+			projectIDs = append(projectIDs, c.ev.ProjectID)
+		}
+		byProject[c.ev.ProjectID] = append(byProject[c.ev.ProjectID], c)
+	}
+	slices.Sort(projectIDs)
+	var whole []string
+	results := map[string]projectDecision{}
+	for _, p := range projectIDs {
+		pd, ok := decideProject(ctx, p, before[p], byProject[p], false)
+		if !ok {
+			whole = append(whole, p)
+			continue
+		}
+		results[p] = pd
+	}
+	if len(whole) > 0 {
+		full, err := load(ctx, whole)
+		if err != nil {
+			return d, err
+		}
+		for _, p := range whole {
+			pd, _ := decideProject(ctx, p, full[p], byProject[p], true)
+			results[p] = pd
+		}
+	}
+	for _, p := range projectIDs {
+		pd := results[p]
+		if pd.err != nil {
+			return d, pd.err
+		}
+		if len(pd.plan.Actions) > 0 {
+			d.plans = append(d.plans, pd.plan)
+		}
+		d.facts = append(d.facts, pd.facts...)
+		if pd.rolesChanged {
+			d.roles[p] = pd.roles
+		}
+	}
+	return d, nil
+}
+
+type projectDecision struct {
+	plan         fsm.Plan
+	facts        []factRow
+	roles        fsm.Roles
+	rolesChanged bool
+	err          error
+}
+
+// decideProject merges one project's new events into its builds. With whole
+// false, the builds are a subset, and ok is false when that is not enough.
+func decideProject(ctx context.Context, p string, stored map[string]*fsm.Build, cands []candidate, whole bool) (projectDecision, bool) {
+	beforeList := values(stored)
+	rolesBefore := fsm.RolesOf(beforeList)
+	after := make(map[string]*fsm.Build, len(stored)+1)
+	for id, b := range stored {
+		cp := *b
+		after[id] = &cp
+	}
 	changed := map[[2]string]factRow{}
 	for _, c := range cands {
-		builds, ok := after[c.ev.ProjectID]
-		if !ok {
-			projectIDs = append(projectIDs, c.ev.ProjectID)
-			builds = make(map[string]*fsm.Build, len(before[c.ev.ProjectID])+1)
-			for id, b := range before[c.ev.ProjectID] {
-				cp := *b
-				builds[id] = &cp
-			}
-			after[c.ev.ProjectID] = builds
-		}
-		b := builds[c.ev.BuildID]
+		b := after[c.ev.BuildID]
 		if b == nil {
-			b = &fsm.Build{ID: c.ev.BuildID, ProjectID: c.ev.ProjectID}
-			builds[c.ev.BuildID] = b
+			b = &fsm.Build{ID: c.ev.BuildID, ProjectID: p}
+			after[c.ev.BuildID] = b
 		}
 		if b.Merge(c.ev) {
 			k := c.ev.Kind()
-			changed[[2]string{c.ev.BuildID, string(k)}] = factRow{build: b, kind: k, step: *b.Step(k), seq: c.seq, project: c.ev.ProjectID}
+			changed[[2]string{c.ev.BuildID, string(k)}] = factRow{build: b, kind: k, step: *b.Step(k), seq: c.seq, project: p}
 		}
 	}
-	facts := make([]factRow, 0, len(changed))
-	for _, f := range changed {
-		facts = append(facts, f)
+	if !whole {
+		for id, b := range stored {
+			if rolesBefore.Holds(id) && fsm.Demoted(b, after[id]) {
+				return projectDecision{}, false
+			}
+		}
 	}
-	slices.SortFunc(facts, func(a, b factRow) int {
+	afterList := values(after)
+	pd := projectDecision{roles: fsm.RolesOf(afterList)}
+	pd.rolesChanged = pd.roles != rolesBefore
+	for _, f := range changed {
+		pd.facts = append(pd.facts, f)
+	}
+	slices.SortFunc(pd.facts, func(a, b factRow) int {
 		if c := strings.Compare(a.build.ID, b.build.ID); c != 0 {
 			return c
 		}
 		return strings.Compare(string(a.kind), string(b.kind))
 	})
-	slices.Sort(projectIDs)
-	plans := make([]fsm.Plan, 0, len(projectIDs))
-	for _, p := range projectIDs {
-		plan, err := fsm.Decide(ctx, p, fsm.Derive(p, values(before[p])), fsm.Derive(p, values(after[p])))
-		if err != nil {
-			return nil, nil, fmt.Errorf("decide: %w", err)
-		}
-		if len(plan.Actions) > 0 {
-			plans = append(plans, plan)
-		}
+	pd.plan, pd.err = fsm.Decide(ctx, p, fsm.Derive(p, beforeList), fsm.Derive(p, afterList))
+	if pd.err != nil {
+		pd.err = fmt.Errorf("decide: %w", pd.err)
 	}
-	return plans, facts, nil
+	return pd, true
 }
 
 func values(m map[string]*fsm.Build) []*fsm.Build {
@@ -501,7 +584,7 @@ func values(m map[string]*fsm.Build) []*fsm.Build {
 	return out
 }
 
-// scanFacts reads loadFactsSQL's rows into builds by project and build id.
+// scanFacts reads fact rows into builds by project and build id.
 func scanFacts(rows pgx.Rows) (map[string]map[string]*fsm.Build, error) {
 	out := map[string]map[string]*fsm.Build{}
 	var buildID, kind, projectID, eventID string

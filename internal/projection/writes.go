@@ -1,6 +1,7 @@
 package projection
 
 import (
+	"slices"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -46,6 +47,38 @@ func queueFacts(b *pgx.Batch, facts []factRow) {
 		}
 	}
 	b.Queue(upsertFactsSQL, builds, kinds, projects, ids, ats, seqs, frameworks, nodes, managers, attempts, outcomes, durations, errs)
+}
+
+const upsertRolesSQL = `
+INSERT INTO projector_roles (project_id, newest_build, started_build, current_build, framework_build)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
+ON CONFLICT (project_id) DO UPDATE
+SET newest_build = excluded.newest_build, started_build = excluded.started_build,
+    current_build = excluded.current_build, framework_build = excluded.framework_build`
+
+func queueRoles(b *pgx.Batch, roles map[string]fsm.Roles) {
+	if len(roles) == 0 {
+		return
+	}
+	var projects []string
+	for p := range roles {
+		projects = append(projects, p)
+	}
+	slices.Sort(projects)
+	n := len(projects)
+	newest, started, current, fw := make([]*string, n), make([]*string, n), make([]*string, n), make([]*string, n)
+	for i, p := range projects {
+		r := roles[p]
+		newest[i], started[i], current[i], fw[i] = orNull(r.Newest), orNull(r.Started), orNull(r.Current), orNull(r.Framework)
+	}
+	b.Queue(upsertRolesSQL, projects, newest, started, current, fw)
+}
+
+func orNull(s string) *string {
+	if s == "" {
+		return nil
+	}
+	return &s
 }
 
 const insertDeadLettersSQL = `
