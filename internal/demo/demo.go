@@ -127,7 +127,7 @@ func Run(ctx context.Context, o Options) error {
 		return err
 	}
 	logf("projector caught up and stopped")
-	return printModel(ctx, out, dbURL, o.Keep || pg.Source == devenv.SourceThrowaway)
+	return printModel(ctx, out, dbURL, o.Keep && pg.Source != devenv.SourceThrowaway)
 }
 
 // history is three projects' builds; web-shop's second build is newer but its
