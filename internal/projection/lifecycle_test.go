@@ -167,3 +167,57 @@ func TestLateQueuedDemotesNewestBuild(t *testing.T) {
 		t.Errorf("current_build_id = %v; want b-old", deref(row.CurrentBuildID))
 	}
 }
+
+// A batch acts as if its messages were applied one by one: a refused event
+// neither blocks a later event with its id nor claims its build.
+func TestRefusedEventsClaimNothing(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	t0 := time.Now().Add(-time.Hour).UTC().Truncate(time.Second)
+	z := events.New(events.KindQueued, "pz", "bz", t0, events.Data{})
+	x1 := events.New(events.KindQueued, "py", "bz", t0, events.Data{}) // bz is pz's: refused
+	x2 := x1
+	x2.BuildID = "by" // same id, other content; x1 was never applied, so x2 is valid
+	e1 := events.New(events.KindQueued, "p1", "b1", t0, events.Data{})
+	e2 := e1
+	e2.ProjectID, e2.BuildID = "p2", "b9"                              // id of an applied event, other content: refused
+	e3 := events.New(events.KindQueued, "p3", "b9", t0, events.Data{}) // b9 was never owned
+
+	for name, batches := range map[string][][]events.Event{
+		"one batch":   {{z, x1, x2, e1, e2, e3}},
+		"one by one":  {{z}, {x1}, {x2}, {e1}, {e2}, {e3}},
+		"two batches": {{z, x1}, {x2, e1, e2, e3}},
+	} {
+		t.Run(name, func(t *testing.T) {
+			t.Parallel()
+			s := newStore(t, projection.Options{})
+			seq := uint64(1)
+			for _, b := range batches {
+				if _, err := s.Apply(ctx, msgs(t, seq, b...)); err != nil {
+					t.Fatal(err)
+				}
+				seq += uint64(len(b))
+			}
+			for _, p := range []string{"pz", "py", "p1", "p3"} {
+				if _, err := s.Project(ctx, p); err != nil {
+					t.Errorf("project %s: %v; want a row", p, err)
+				}
+			}
+			if _, err := s.Project(ctx, "p2"); err == nil {
+				t.Errorf("project p2 has a row; want none (its only event was refused)")
+			}
+			dls, err := s.DeadLetters(ctx, projection.DeadLetterFilter{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			got := map[uint64]string{}
+			for _, d := range dls {
+				got[d.StreamSeq] = d.Reason
+			}
+			want := map[uint64]string{2: string(events.ReasonBuildProjectClash), 5: string(events.ReasonIDConflict)}
+			if len(got) != len(want) || got[2] != want[2] || got[5] != want[5] {
+				t.Errorf("dead letters = %v; want %v", got, want)
+			}
+		})
+	}
+}

@@ -144,9 +144,8 @@ type deadLetter struct {
 }
 
 type batch struct {
-	cands []candidate
-	dead  []deadLetter
-	dups  int // repeats inside the batch
+	rounds [][]candidate // candidates, each id at most once a round
+	dead   []deadLetter  // refused by Decode
 
 	redrive []int64        // dead letters to take out first (a retry)
 	retries map[uint64]int // their retry counts, kept if they die again
@@ -157,7 +156,12 @@ type batch struct {
 func (s *Store) prepare(b *batch, msgs []Message) {
 	sorted := append([]Message(nil), msgs...)
 	sort.Slice(sorted, func(i, j int) bool { return sorted[i].Seq < sorted[j].Seq })
-	seen := map[string][]byte{}
+	type last struct {
+		round   int
+		project string
+	}
+	byID := map[string]int{}     // round+1 of the last event with that id
+	byBuild := map[string]last{} // round and project of the last event naming that build
 	for _, m := range sorted {
 		ev, err := events.Decode(s.opts.Prefix, m.Subject, m.Data, m.StoredAt)
 		if err != nil {
@@ -165,17 +169,27 @@ func (s *Store) prepare(b *batch, msgs []Message) {
 			continue
 		}
 		d := ev.Digest()
-		if prev, ok := seen[ev.ID]; ok {
-			if string(prev) == string(d[:]) {
-				b.dups++
+		// Rounds make a batch act as if its messages were applied one by one,
+		// in sequence order. A repeat of an id goes to a later round than the
+		// id's last copy, so it sees whether that one was applied. An event
+		// naming a build goes to no earlier round than the last event before
+		// it naming that build, and to a later one if that event named another
+		// project, so each round claims a build for one project, in sequence
+		// order, and a refused claim is undone before the next claim is tried.
+		n := byID[ev.ID]
+		if l, ok := byBuild[ev.BuildID]; ok {
+			if l.project == ev.ProjectID {
+				n = max(n, l.round)
 			} else {
-				b.dead = append(b.dead, deadLetter{msg: m, reason: events.ReasonIDConflict,
-					detail: fmt.Sprintf("id %q was seen earlier in the log with different content", ev.ID)})
+				n = max(n, l.round+1)
 			}
-			continue
 		}
-		seen[ev.ID] = d[:]
-		b.cands = append(b.cands, candidate{msg: m, seq: m.Seq, ev: ev, digest: d[:]})
+		byID[ev.ID] = n + 1
+		byBuild[ev.BuildID] = last{round: n, project: ev.ProjectID}
+		if n == len(b.rounds) {
+			b.rounds = append(b.rounds, nil)
+		}
+		b.rounds[n] = append(b.rounds[n], candidate{msg: m, seq: m.Seq, ev: ev, digest: d[:]})
 	}
 }
 
@@ -185,15 +199,51 @@ func (s *Store) applyOnce(ctx context.Context, b batch) (Result, error) {
 		return Result{}, fmt.Errorf("begin: %w", err)
 	}
 	defer tx.Rollback(ctx) //nolint:errcheck // after Commit this is a no-op
-	st, err := s.read(ctx, tx, b)
-	if err != nil {
-		return Result{}, err
+	if len(b.redrive) > 0 {
+		// A retry: the letters leave; those still refused are written again below.
+		if _, err := tx.Exec(ctx, `DELETE FROM projector_dead_letters WHERE stream_seq = ANY($1)`, b.redrive); err != nil {
+			return Result{}, fmt.Errorf("take out dead letters: %w", err)
+		}
 	}
-	res := Result{Duplicates: b.dups}
-	dead := append([]deadLetter(nil), b.dead...)
+	res := Result{DeadLettered: len(b.dead)}
+	wb := &pgx.Batch{}
+	queueDeadLetters(wb, b.dead, b.retries)
+	for i, round := range b.rounds {
+		if i == 0 {
+			err = s.applyRound(ctx, tx, round, b, wb, &res)
+		} else {
+			err = s.applyRound(ctx, tx, round, batch{retries: b.retries}, wb, &res)
+		}
+		if err != nil {
+			return Result{}, err
+		}
+		if err := tx.SendBatch(ctx, wb).Close(); err != nil {
+			return Result{}, fmt.Errorf("write: %w", err)
+		}
+		wb = &pgx.Batch{}
+	}
+	if wb.Len() > 0 {
+		if err := tx.SendBatch(ctx, wb).Close(); err != nil {
+			return Result{}, fmt.Errorf("write: %w", err)
+		}
+	}
+	if err := tx.Commit(ctx); err != nil {
+		return Result{}, fmt.Errorf("commit: %w", err)
+	}
+	return res, nil
+}
+
+// applyRound reads what the round needs, classifies its events, decides the
+// plans and queues the writes on wb (sent by the caller before the next round).
+func (s *Store) applyRound(ctx context.Context, tx pgx.Tx, cands []candidate, b batch, wb *pgx.Batch, res *Result) error {
+	st, err := s.read(ctx, tx, cands, b)
+	if err != nil {
+		return err
+	}
+	var dead []deadLetter
 	var fresh []candidate
-	var undo []string // ids marked applied by this batch whose event is refused after all
-	for _, c := range b.cands {
+	var undo []string // ids marked applied by this round whose event is refused after all
+	for _, c := range cands {
 		if owner := st.owners[c.ev.BuildID]; owner != c.ev.ProjectID {
 			dead = append(dead, deadLetter{msg: c.msg, reason: events.ReasonBuildProjectClash,
 				detail: fmt.Sprintf("build %q belongs to project %q, not %q", c.ev.BuildID, owner, c.ev.ProjectID)})
@@ -213,36 +263,46 @@ func (s *Store) applyOnce(ctx context.Context, b batch) (Result, error) {
 		dead = append(dead, deadLetter{msg: c.msg, reason: events.ReasonIDConflict,
 			detail: fmt.Sprintf("id %q was applied before with different content", c.ev.ID)})
 	}
-	res.Applied = len(fresh)
-	res.DeadLettered = len(dead)
+	// A build claimed by this round for no applied event stays unclaimed: a
+	// refused event owns nothing.
+	var unclaim []string
+	named := map[string]bool{}
+	for _, c := range fresh {
+		named[c.ev.BuildID] = true
+	}
+	for id := range st.claimed {
+		if !named[id] {
+			unclaim = append(unclaim, id)
+		}
+	}
+	res.Applied += len(fresh)
+	res.DeadLettered += len(dead)
 
 	dec, err := decide(ctx, st.facts, fresh, func(ctx context.Context, projects []string) (map[string]map[string]*fsm.Build, error) {
 		rows, _ := tx.Query(ctx, loadProjectsSQL, projects)
 		return scanFacts(rows)
 	})
 	if err != nil {
-		return Result{}, err
+		return err
 	}
-	wb := &pgx.Batch{}
 	if len(undo) > 0 {
 		wb.Queue(`DELETE FROM projector_applied WHERE event_id = ANY($1::text[])`, undo)
+	}
+	if len(unclaim) > 0 {
+		slices.Sort(unclaim)
+		wb.Queue(`DELETE FROM projector_builds WHERE build_id = ANY($1::text[])`, unclaim)
 	}
 	queueFacts(wb, dec.facts)
 	queueRoles(wb, dec.roles)
 	queueDeadLetters(wb, dead, b.retries)
 	queuePlans(wb, dec.plans)
-	if err := tx.SendBatch(ctx, wb).Close(); err != nil {
-		return Result{}, fmt.Errorf("write: %w", err)
-	}
-	if err := tx.Commit(ctx); err != nil {
-		return Result{}, fmt.Errorf("commit: %w", err)
-	}
-	return res, nil
+	return nil
 }
 
 // state is what a batch needs to know from the database.
 type state struct {
 	owners  map[string]string                // build id → owning project
+	claimed map[string]bool                  // builds this round claimed
 	marked  map[string]bool                  // event ids this batch marked applied
 	digests map[string][]byte                // digests of ids applied before
 	facts   map[string]map[string]*fsm.Build // project → build id → stored facts
@@ -254,11 +314,11 @@ type state struct {
 // dead letters; the claim of every build (the first project to name a build
 // owns it); the mark of every event id as applied; and the stored facts of
 // every project the batch touches.
-func (s *Store) read(ctx context.Context, tx pgx.Tx, b batch) (state, error) {
-	st := state{owners: map[string]string{}, marked: map[string]bool{}, digests: map[string][]byte{}}
-	projects, keys := projectsOf(b.cands)
-	builds, owners := buildsOf(b.cands)
-	ids, digests, seqs := idsOf(b.cands)
+func (s *Store) read(ctx context.Context, tx pgx.Tx, cands []candidate, b batch) (state, error) {
+	st := state{owners: map[string]string{}, claimed: map[string]bool{}, marked: map[string]bool{}, digests: map[string][]byte{}}
+	projects, keys := projectsOf(cands)
+	builds, owners := buildsOf(cands)
+	ids, digests, seqs := idsOf(cands)
 
 	rb := &pgx.Batch{}
 	if s.opts.Gate {
@@ -267,14 +327,15 @@ func (s *Store) read(ctx context.Context, tx pgx.Tx, b batch) (state, error) {
 	if len(keys) > 0 {
 		rb.Queue(`SELECT count(pg_advisory_xact_lock(k)) FROM unnest($1::bigint[]) AS k`, keys)
 	}
-	if len(b.redrive) > 0 {
-		rb.Queue(`DELETE FROM projector_dead_letters WHERE stream_seq = ANY($1)`, b.redrive)
-	}
-	if len(b.cands) > 0 {
+	if len(cands) > 0 {
 		rb.Queue(claimBuildsSQL, builds, owners).Query(func(rows pgx.Rows) error {
 			var id, project string
-			_, err := pgx.ForEachRow(rows, []any{&id, &project}, func() error {
+			var claimed bool
+			_, err := pgx.ForEachRow(rows, []any{&id, &project, &claimed}, func() error {
 				st.owners[id] = project
+				if claimed {
+					st.claimed[id] = true
+				}
 				return nil
 			})
 			return err
@@ -316,7 +377,7 @@ func (s *Store) read(ctx context.Context, tx pgx.Tx, b batch) (state, error) {
 		}
 	}
 	if len(missingBuilds) > 0 {
-		rows, _ := tx.Query(ctx, `SELECT build_id, project_id FROM projector_builds WHERE build_id = ANY($1::text[])`, missingBuilds)
+		rows, _ := tx.Query(ctx, buildOwnersSQL, missingBuilds)
 		var id, project string
 		if _, err := pgx.ForEachRow(rows, []any{&id, &project}, func() error {
 			st.owners[id] = project
@@ -400,10 +461,12 @@ WITH ins AS (
     SELECT * FROM unnest($1::text[], $2::text[])
     ON CONFLICT (build_id) DO NOTHING
     RETURNING build_id, project_id)
-SELECT build_id, project_id FROM ins
+SELECT build_id, project_id, true FROM ins
 UNION ALL
-SELECT b.build_id, b.project_id FROM projector_builds b
+SELECT b.build_id, b.project_id, false FROM projector_builds b
 WHERE b.build_id = ANY($1::text[]) AND NOT EXISTS (SELECT 1 FROM ins WHERE ins.build_id = b.build_id)`
+
+const buildOwnersSQL = `SELECT build_id, project_id FROM projector_builds WHERE build_id = ANY($1::text[])`
 
 // markAppliedSQL marks new ids applied and returns, for ids applied before,
 // their stored digest (a repeat with the same digest is a duplicate).
