@@ -21,11 +21,16 @@ func ConsumerConfig(durable, prefix string) jetstream.ConsumerConfig {
 		AckPolicy:     jetstream.AckExplicitPolicy,
 		DeliverPolicy: jetstream.DeliverAllPolicy,
 		FilterSubject: prefix + ".>",
-		AckWait:       30 * time.Second,
+		AckWait:       AckWait,
 		MaxDeliver:    -1, // never give a message up: invalid ones are dead-lettered by the projector
 		MaxAckPending: 20000,
 	}
 }
+
+// AckWait is how long a delivered message may stay unacknowledged before
+// JetStream delivers it again (after a projector crash, say). The loop keeps
+// the messages it is working on in progress, so a slow batch is not redelivered.
+const AckWait = 10 * time.Second
 
 // EnsureConsumer creates the durable consumer or updates it to ConsumerConfig.
 func EnsureConsumer(ctx context.Context, js jetstream.JetStream, stream, durable, prefix string) (jetstream.Consumer, error) {
@@ -191,7 +196,11 @@ func (l *Loop) handle(ctx context.Context, batch []jetstream.Msg) {
 	work := context.WithoutCancel(ctx)
 	bo := backoff.NewExponentialBackOff()
 	bo.InitialInterval = 50 * time.Millisecond
-	bo.MaxInterval = l.opts.MaxBackoff
+	// Jitter spreads each wait by ±RandomizationFactor: cap the interval so
+	// that no wait exceeds MaxBackoff.
+	bo.MaxInterval = time.Duration(float64(l.opts.MaxBackoff) / (1 + bo.RandomizationFactor))
+	stopBeat := l.keepInProgress(batch)
+	defer stopBeat()
 	var deadline time.Time
 	for {
 		if ctx.Err() != nil && deadline.IsZero() {
@@ -211,6 +220,7 @@ func (l *Loop) handle(ctx context.Context, batch []jetstream.Msg) {
 			return
 		}
 		if errors.Is(err, ErrRedeliverLater) {
+			l.ready.Store(false) // until a batch goes through again
 			l.opts.Logger.Warn("batch redelivered later", zap.Int("messages", len(batch)), zap.Error(err))
 			for _, m := range batch {
 				_ = m.NakWithDelay(l.opts.NakDelay)
@@ -226,13 +236,34 @@ func (l *Loop) handle(ctx context.Context, batch []jetstream.Msg) {
 			}
 			return
 		}
-		for _, m := range batch {
-			_ = m.InProgress()
-		}
 		select {
 		case <-time.After(wait):
 		case <-ctx.Done():
 			// Stop asked: one more try within StopTimeout.
 		}
 	}
+}
+
+// keepInProgress tells JetStream every AckWait/3 that the batch is being
+// worked on, until the returned func is called.
+func (l *Loop) keepInProgress(batch []jetstream.Msg) func() {
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() { // owner: the handle call, which stops and waits for it
+		defer wg.Done()
+		t := time.NewTicker(AckWait / 3)
+		defer t.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+				for _, m := range batch {
+					_ = m.InProgress()
+				}
+			}
+		}
+	}()
+	return func() { close(done); wg.Wait() }
 }

@@ -95,6 +95,13 @@ func ConnectNATS(url, name string, log *zap.Logger) (*nats.Conn, error) {
 		nats.RetryOnFailedConnect(false),
 		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) { log.Warn("nats disconnected", zap.Error(err)) }),
 		nats.ReconnectHandler(func(c *nats.Conn) { log.Info("nats reconnected", zap.String("url", c.ConnectedUrl())) }),
+		nats.ErrorHandler(func(_ *nats.Conn, sub *nats.Subscription, err error) {
+			subject := ""
+			if sub != nil {
+				subject = sub.Subject
+			}
+			log.Warn("nats async error", zap.String("subscription", subject), zap.Error(err))
+		}),
 	)
 	if err != nil {
 		return nil, fmt.Errorf("nats: connect %s: %w", url, err)
