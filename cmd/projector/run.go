@@ -13,6 +13,7 @@ import (
 	"syscall"
 	"text/tabwriter"
 	"time"
+	"unicode/utf8"
 
 	"github.com/jackc/pgx/v5"
 	"go.uber.org/zap"
@@ -219,8 +220,11 @@ func deadLetterJSON(d projection.DeadLetter) any {
 	return o
 }
 
+// JSON encoding replaces invalid UTF-8 with U+FFFD, so only valid UTF-8 (not
+// merely valid JSON: json.Valid accepts invalid bytes in strings) is shown as
+// text; anything else goes out as base64, byte for byte.
 func isText(b []byte) bool {
-	return json.Valid(b) || (len(b) > 0 && string([]rune(string(b))) == string(b))
+	return len(b) > 0 && utf8.Valid(b)
 }
 
 func runStatus(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
