@@ -115,6 +115,11 @@ func runProjector(ctx context.Context, args []string, getenv func(string) string
 	fs, c := newFlags("run", getenv, stderr)
 	fs.StringVar(&c.cfg.HTTPAddr, "http-addr", envOr(getenv, "PROJECTOR_HTTP_ADDR", ":9090"), "serve /healthz, /readyz, /metrics here (env PROJECTOR_HTTP_ADDR; empty: none)")
 	fs.IntVar(&c.cfg.BatchSize, "batch", 1000, "most events per transaction")
+	replicas, err := strconv.Atoi(envOr(getenv, "BUILDS_STREAM_REPLICAS", "1"))
+	if err != nil {
+		return fmt.Errorf("BUILDS_STREAM_REPLICAS: %w", err)
+	}
+	fs.IntVar(&c.cfg.Replicas, "stream-replicas", replicas, "replicas of the stream the projector creates or updates (env BUILDS_STREAM_REPLICAS; 3 on a 3-node cluster)")
 	fs.DurationVar(&c.cfg.Linger, "linger", 0, "wait this long to fill a batch once a message is in hand")
 	if err := fs.Parse(args); err != nil {
 		return err

@@ -29,6 +29,7 @@ type Config struct {
 	Stream      string
 	Prefix      string
 	Durable     string
+	Replicas    int    // stream replicas: 1 on a single server, 3 on a 3-node cluster
 	HTTPAddr    string // "" serves no HTTP
 	BatchSize   int
 	Linger      time.Duration
@@ -131,7 +132,7 @@ func Run(ctx context.Context, cfg Config) error {
 	if err != nil {
 		return fmt.Errorf("jetstream: %w", err)
 	}
-	if _, err := natsjs.EnsureStream(ctx, js, cfg.Stream, cfg.Prefix, 1); err != nil {
+	if _, err := natsjs.EnsureStream(ctx, js, cfg.Stream, cfg.Prefix, cfg.Replicas); err != nil {
 		return err
 	}
 	cons, err := natsjs.EnsureConsumer(ctx, js, cfg.Stream, cfg.Durable, cfg.Prefix)
