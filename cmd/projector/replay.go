@@ -2,19 +2,230 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
+	"sort"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"go.uber.org/zap"
+
+	"github.com/buildstate/buildstate/internal/fsm"
+	"github.com/buildstate/buildstate/internal/projection"
+	"github.com/buildstate/buildstate/internal/projector"
+	"github.com/buildstate/buildstate/internal/replay"
 )
 
-// Filled in by the replay work (issue 4).
+// runRebuild is `projector rebuild`: replay the whole stream into a shadow
+// schema and swap it in (replay.Rebuild).
 func runRebuild(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
-	return errors.New("rebuild: not built yet")
+	fs, c := newFlags("rebuild", getenv, stderr)
+	dryRun := fs.Bool("dry-run", false, "build the shadow schema and leave it for inspection; do not swap")
+	allowTruncated := fs.Bool("allow-truncated", false, "replay a stream whose early messages were dropped (the result misses them)")
+	batch := fs.Int("batch", replay.DefaultBatch, "messages per transaction")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	log, err := c.logger(stderr)
+	if err != nil {
+		return err
+	}
+	defer log.Sync() //nolint:errcheck
+	pool, lg, closeAll, err := openReplay(ctx, c, log)
+	if err != nil {
+		return err
+	}
+	defer closeAll()
+	res, err := replay.Rebuild(ctx, pool, lg, replay.RebuildOptions{
+		Options: replay.Options{Batch: *batch, AllowTruncated: *allowTruncated, Progress: stderr, Logger: log},
+		Store:   projection.Options{Prefix: c.cfg.Prefix, Logger: log},
+		DryRun:  *dryRun,
+	})
+	if err != nil {
+		return err
+	}
+	r := res.Replay
+	fmt.Fprintf(stdout, "replayed %d messages (through seq %d) in %s, %.0f/s: %d applied, %d duplicates, %d dead letters\n",
+		r.Messages, r.Through, r.Elapsed.Round(time.Millisecond), r.PerSecond(), r.Result.Applied, r.Result.Duplicates, r.Result.DeadLettered)
+	if !res.History.Whole() {
+		fmt.Fprintf(stdout, "warning: the stream's history is truncated (first seq %d): the rebuilt model misses the dropped events\n", res.History.First)
+	}
+	if *dryRun {
+		fmt.Fprintf(stdout, "dry run: shadow schema %s left for inspection (not swapped); e.g. SET search_path TO %s\n", res.Shadow, res.Shadow)
+		return nil
+	}
+	fmt.Fprintf(stdout, "caught up %d messages (through seq %d) and swapped %s in, in %s total\n",
+		res.CatchUp.Messages, res.CatchUp.Through, res.Shadow, res.Elapsed.Round(time.Millisecond))
+	return nil
 }
 
+// runVerify is `projector verify`: the live rows' checks, and a replay
+// compared with the live model (replay.Verify). Any fault is an error.
 func runVerify(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
-	return errors.New("verify: not built yet")
+	fs, c := newFlags("verify", getenv, stderr)
+	noRebuild := fs.Bool("no-rebuild", false, "only check the live rows; no replay")
+	wait := fs.Duration("wait", 30*time.Second, "how long to wait for the projector to apply what is pending")
+	allowTruncated := fs.Bool("allow-truncated", false, "compare with a replay of a stream whose early messages were dropped")
+	batch := fs.Int("batch", replay.DefaultBatch, "messages per transaction of the replay")
+	maxRows := fs.Int("max-diff", 20, "most faults and differing rows of each table to print")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	log, err := c.logger(stderr)
+	if err != nil {
+		return err
+	}
+	defer log.Sync() //nolint:errcheck
+	pool, lg, closeAll, err := openReplay(ctx, c, log)
+	if err != nil {
+		return err
+	}
+	defer closeAll()
+	rep, err := replay.Verify(ctx, pool, lg, replay.VerifyOptions{
+		Options:   replay.Options{Batch: *batch, AllowTruncated: *allowTruncated, Progress: stderr, Logger: log},
+		Store:     projection.Options{Prefix: c.cfg.Prefix, Logger: log},
+		Durable:   c.cfg.Durable,
+		Wait:      *wait,
+		NoRebuild: *noRebuild,
+		MaxFaults: *maxRows,
+	})
+	if err != nil {
+		return err
+	}
+	rep.Write(stdout)
+	return rep.Err()
 }
 
+// openReplay opens and migrates the live pool and connects to the stream.
+func openReplay(ctx context.Context, c *common, log *zap.Logger) (*pgxpool.Pool, replay.Log, func(), error) {
+	pool, err := projector.OpenPool(ctx, c.cfg.DatabaseURL)
+	if err != nil {
+		return nil, replay.Log{}, nil, err
+	}
+	if err := projector.MigratePool(ctx, pool); err != nil {
+		pool.Close()
+		return nil, replay.Log{}, nil, err
+	}
+	lg, nc, err := openLog(c, log)
+	if err != nil {
+		pool.Close()
+		return nil, replay.Log{}, nil, err
+	}
+	return pool, lg, func() { nc.Close(); pool.Close() }, nil
+}
+
+func openLog(c *common, log *zap.Logger) (replay.Log, *nats.Conn, error) {
+	nc, err := projector.ConnectNATS(c.cfg.NATSURL, "buildstate-projector-replay", log)
+	if err != nil {
+		return replay.Log{}, nil, err
+	}
+	js, err := jetstream.New(nc)
+	if err != nil {
+		nc.Close()
+		return replay.Log{}, nil, fmt.Errorf("jetstream: %w", err)
+	}
+	return replay.Log{JS: js, Stream: c.cfg.Stream, Prefix: c.cfg.Prefix}, nc, nil
+}
+
+// runStatusAt is `projector status PROJECT_ID --at T | --seq N`: the
+// project as it was at that point of the log, from its own events only
+// (replay.ProjectAt), printed like the live status.
 func runStatusAt(ctx context.Context, c *common, projectID, at string, seq uint64, asJSON bool, stdout io.Writer) error {
-	return errors.New("status --at/--seq: not built yet")
+	var point replay.At
+	switch {
+	case at != "" && seq != 0:
+		return errors.New("status: give --at or --seq, not both")
+	case at != "":
+		t, err := time.Parse(time.RFC3339Nano, at)
+		if err != nil {
+			return fmt.Errorf("status: --at %q is not RFC 3339 (e.g. 2026-11-26T20:00:00Z)", at)
+		}
+		point.Time = t
+	default:
+		point.Seq = seq
+	}
+	lg, nc, err := openLog(c, zap.NewNop())
+	if err != nil {
+		return err
+	}
+	defer nc.Close()
+	pv, err := replay.ProjectAt(ctx, lg, projectID, point)
+	if err != nil {
+		return fmt.Errorf("status: %w", err)
+	}
+	where := fmt.Sprintf("seq %d", pv.Through)
+	if !point.Time.IsZero() {
+		where = point.Time.UTC().Format(time.RFC3339Nano)
+	}
+	if pv.View.Row == nil {
+		return fmt.Errorf("status: project %q has no visible build at %s", projectID, where)
+	}
+	row, builds := statusRows(pv)
+	var warning string
+	if !pv.History.Whole() {
+		warning = fmt.Sprintf("the stream's history is truncated (first seq %d): this view may miss dropped events", pv.History.First)
+	}
+	if asJSON {
+		type asOf struct {
+			Seq       uint64     `json:"seq,omitempty"`
+			At        *time.Time `json:"at,omitempty"`
+			LastEvent uint64     `json:"last_event_seq"`
+		}
+		a := asOf{LastEvent: pv.Last.Seq}
+		if point.Time.IsZero() {
+			a.Seq = pv.Through
+		} else {
+			a.At = &point.Time
+		}
+		return json.NewEncoder(stdout).Encode(struct {
+			Project projection.ProjectRow   `json:"project"`
+			Builds  []projection.MetricsRow `json:"recent_builds"`
+			AsOf    asOf                    `json:"as_of"`
+			Warning string                  `json:"warning,omitempty"`
+		}{row, builds, a, warning})
+	}
+	fmt.Fprintf(stdout, "as of %s (replayed; the project's last event is seq %d)\n", where, pv.Last.Seq)
+	if warning != "" {
+		fmt.Fprintln(stdout, "warning: "+warning)
+	}
+	printStatus(stdout, row, builds)
+	return nil
+}
+
+// statusRows turns a folded view into the rows the live status prints:
+// updated_at is when the log stored the project's last event, and the
+// builds are the ten newest by started_at, as RecentBuilds orders them.
+func statusRows(pv replay.ProjectView) (projection.ProjectRow, []projection.MetricsRow) {
+	r := pv.View.Row
+	row := projection.ProjectRow{
+		ProjectID: r.ProjectID, BuildStatus: string(r.Status), CurrentBuildID: r.CurrentBuildID,
+		LastBuildStarted: r.LastBuildStarted, LastBuildCompleted: r.LastBuildCompleted, Framework: r.Framework,
+		UpdatedAt: pv.Last.StoredAt,
+	}
+	builds := make([]projection.MetricsRow, 0, len(pv.View.Metrics))
+	for _, m := range pv.View.Metrics {
+		builds = append(builds, metricsRow(m))
+	}
+	sort.Slice(builds, func(i, j int) bool {
+		if !builds[i].StartedAt.Equal(builds[j].StartedAt) {
+			return builds[i].StartedAt.After(builds[j].StartedAt)
+		}
+		return builds[i].BuildID > builds[j].BuildID
+	})
+	if len(builds) > 10 {
+		builds = builds[:10]
+	}
+	return row, builds
+}
+
+func metricsRow(m fsm.MetricsRow) projection.MetricsRow {
+	return projection.MetricsRow{
+		BuildID: m.BuildID, ProjectID: m.ProjectID, Status: m.Status, StartedAt: m.StartedAt,
+		CompletedAt: m.CompletedAt, DurationMS: m.DurationMS, Framework: m.Framework, NodeVersion: m.NodeVersion,
+		PackageManager: m.PackageManager, Attempt: m.Attempt, Error: m.Error, QueuedAt: m.QueuedAt,
+	}
 }
