@@ -28,7 +28,12 @@ func newStore(t *testing.T, opts projection.Options) *projection.Store {
 		t.Fatal(err)
 	}
 	conn.Close(ctx)
-	pool, err := pgxpool.New(ctx, url)
+	cfg, err := pgxpool.ParseConfig(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	projection.ConfigurePool(cfg)
+	pool, err := pgxpool.NewWithConfig(ctx, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -81,7 +81,7 @@ func (s *Shadow) create(ctx context.Context, opts Options) error {
 	// The replay's statements carry arrays of thousands of rows: their cost
 	// estimates pass jit_above_cost, and compiling them took longer than
 	// running them (measured: apply took 1.4x to 2.2x as long with JIT on).
-	cfg.ConnConfig.RuntimeParams["jit"] = "off"
+	ConfigurePool(cfg)
 	pool, err := pgxpool.NewWithConfig(ctx, cfg)
 	if err != nil {
 		return fmt.Errorf("pool: %w", err)

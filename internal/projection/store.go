@@ -69,7 +69,17 @@ type Store struct {
 	opts Options
 }
 
-// New returns a Store over pool.
+// ConfigurePool sets what the store's connections need: a custom plan for
+// every execution (the batch statements take arrays whose sizes vary and
+// tables that grow fast from empty; a generic plan made while a table was
+// small would scan it whole for ever), and no JIT (it compiled these short
+// statements for longer than they ran).
+func ConfigurePool(cfg *pgxpool.Config) {
+	cfg.ConnConfig.RuntimeParams["plan_cache_mode"] = "force_custom_plan"
+	cfg.ConnConfig.RuntimeParams["jit"] = "off"
+}
+
+// New returns a Store over pool (configured with ConfigurePool).
 func New(pool *pgxpool.Pool, opts Options) *Store {
 	if opts.Prefix == "" {
 		opts.Prefix = "builds"
@@ -505,13 +515,14 @@ const factColumns = `f.build_id, f.kind, f.project_id, f.event_id, f.occurred_at
        f.framework, f.node_version, f.package_manager, f.attempt, f.outcome, f.duration_ms, f.error`
 
 // loadViewSQL loads what a batch needs: the facts of its own builds ($1) and
-// of the role holders of its projects ($2), both as primary-key lookups.
+// of the role holders of its projects ($2), each by primary key. A fact
+// found by both halves comes twice; scanFacts keeps one.
 const loadViewSQL = `
-SELECT ` + factColumns + ` FROM projector_facts f
-WHERE f.build_id = ANY($1::text[])
-   OR f.build_id = ANY(ARRAY(
-        SELECT unnest(ARRAY[r.newest_build, r.started_build, r.current_build, r.framework_build])
-        FROM projector_roles r WHERE r.project_id = ANY($2::text[])))`
+SELECT ` + factColumns + ` FROM projector_facts f WHERE f.build_id = ANY($1::text[])
+UNION ALL
+SELECT ` + factColumns + ` FROM projector_roles r
+JOIN projector_facts f ON f.build_id IN (r.newest_build, r.started_build, r.current_build, r.framework_build)
+WHERE r.project_id = ANY($2::text[])`
 
 // loadProjectsSQL loads whole histories, for the rare batch that demotes a
 // role holder (fsm.Demoted).

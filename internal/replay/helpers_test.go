@@ -103,7 +103,12 @@ func newDB(t testing.TB) *pgxpool.Pool {
 		t.Fatal(err)
 	}
 	conn.Close(ctx)
-	pool, err := pgxpool.New(ctx, url)
+	cfg, err := pgxpool.ParseConfig(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	projection.ConfigurePool(cfg)
+	pool, err := pgxpool.NewWithConfig(ctx, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
