@@ -5,7 +5,9 @@
 //	projector migrate                       apply the schema migrations
 //	projector dead-letters [--reason R] [--seq N]
 //	projector dead-letters retry [--reason R | --seq N]
-//	projector status PROJECT_ID [--json]
+//	projector status PROJECT_ID [--json] [--at TIME | --seq N]
+//	projector rebuild [--dry-run] [--batch N] [--allow-truncated]
+//	projector verify [--no-rebuild] [--wait D] [--max-diff N] [--allow-truncated]
 package main
 
 import (

@@ -107,8 +107,10 @@ commands:
                                         re-apply kept messages (after a fix)
   status PROJECT_ID [--json] [--at T | --seq N]
                                         a project's row and recent builds
-  rebuild [--dry-run]                   replay the stream into shadow tables and swap them in
-  verify                                check constraints and that a rebuild equals the live model
+  rebuild [--dry-run] [--batch N] [--allow-truncated]
+                                        replay the stream into shadow tables and swap them in
+  verify [--no-rebuild] [--wait D] [--max-diff N] [--allow-truncated]
+                                        check constraints and that a rebuild equals the live model
 run 'projector COMMAND -h' for a command's flags`
 
 func runProjector(ctx context.Context, args []string, getenv func(string) string, stderr io.Writer) error {
