@@ -263,8 +263,10 @@ func TestEmbeddedServerDurability(t *testing.T) {
 	pub := emitter.New(js, emitter.Options{Prefix: prefix})
 	acked := publishAll(t, pub, distinctEvents(workload.Generate(910, workload.Config{Projects: 30}), 500))
 	testenv.RestartNATS(t, srv)
+	// A fresh connection, as a publisher restarted with the server would have.
+	js = connectJS(t, url)
 	assertStored(t, js, acked)
-	assertRepublishDropped(t, pub, js, acked)
+	assertRepublishDropped(t, emitter.New(js, emitter.Options{Prefix: prefix}), js, acked)
 }
 
 // distinctEvents returns the first n events with distinct ids.
