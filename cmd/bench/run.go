@@ -56,6 +56,7 @@ type options struct {
 	pgParams       string
 	noBaseline     bool
 	timeout        time.Duration
+	projectorEnv   string
 }
 
 func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
@@ -97,10 +98,14 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	fs.StringVar(&o.natsSync, "nats-sync", "default", "embedded NATS file store: default (nats-server's: fsync every 2 min) or always (devenv's: fsync every message before its ack)")
 	fs.StringVar(&o.projectorSrc, "projector-src", "", "build the projector from this module directory (default: this module's working tree)")
 	fs.StringVar(&o.projectorRev, "projector-rev", "", "build the projector from this git revision of this module (git archive), e.g. HEAD")
-	fs.StringVar(&o.pgParams, "pg-params", "", "Postgres settings for the projector's sessions, appended to its DATABASE_URL (k=v&k=v), e.g. plan_cache_mode=force_custom_plan")
+	fs.StringVar(&o.pgParams, "pg-params", "", "Postgres settings for the projector's sessions, appended to its DATABASE_URL (k=v&k=v), e.g. random_page_cost=1.1 (the projector itself sets plan_cache_mode and jit)")
 	fs.DurationVar(&o.timeout, "timeout", 10*time.Minute, "catchup, scale, rss: give a projector run up to this long, then report how far it got")
+	fs.StringVar(&o.projectorEnv, "projector-env", "", "extra environment for the projector processes, comma-separated KEY=VALUE (e.g. GOGC=400)")
 	fs.BoolVar(&o.noBaseline, "no-baseline", false, "catchup: skip the baseline")
 	if err := fs.Parse(args[2:]); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil
+		}
 		return err
 	}
 	var err error
@@ -218,7 +223,7 @@ func (b *bencher) catchup() error {
 
 func (b *bencher) catchupOn(bl bench.Backlog) error {
 	b.quiet("the catch-up")
-	r, err := b.env.Catchup(b.ctx, bl, bench.CatchupConfig{Batch: b.o.batch, Linger: b.o.linger, PGParams: b.o.pgParams, Timeout: b.o.timeout})
+	r, err := b.env.Catchup(b.ctx, bl, bench.CatchupConfig{Batch: b.o.batch, Linger: b.o.linger, PGParams: b.o.pgParams, Timeout: b.o.timeout, Env: b.o.env()})
 	rate := 0.0
 	switch {
 	case errors.Is(err, bench.ErrTimeout):
@@ -286,7 +291,7 @@ func (b *bencher) live() error {
 	for _, batch := range b.o.liveBatches {
 		for _, linger := range b.o.liveLingers {
 			b.quiet("the live run")
-			r, err := b.env.Live(b.ctx, bench.LiveConfig{Rate: b.o.rate, Duration: b.o.duration, Seed: b.o.seed + 1, Batch: batch, Linger: linger, PGParams: b.o.pgParams})
+			r, err := b.env.Live(b.ctx, bench.LiveConfig{Rate: b.o.rate, Duration: b.o.duration, Seed: b.o.seed + 1, Batch: batch, Linger: linger, PGParams: b.o.pgParams, Env: b.o.env()})
 			if err != nil {
 				return err
 			}
@@ -321,7 +326,7 @@ func (b *bencher) scale(bl *bench.Backlog) error {
 	var first float64
 	for _, n := range b.o.instances {
 		b.quiet(fmt.Sprintf("the %d-instance run", n))
-		r, err := b.env.Catchup(b.ctx, *bl, bench.CatchupConfig{Instances: n, Batch: b.o.batch, Linger: b.o.linger, PGParams: b.o.pgParams, Timeout: b.o.timeout})
+		r, err := b.env.Catchup(b.ctx, *bl, bench.CatchupConfig{Instances: n, Batch: b.o.batch, Linger: b.o.linger, PGParams: b.o.pgParams, Timeout: b.o.timeout, Env: b.o.env()})
 		if errors.Is(err, bench.ErrTimeout) {
 			b.printf("  projector ×%d: DID NOT FINISH: %v\n", n, err)
 			continue
@@ -352,7 +357,7 @@ func (b *bencher) rss() error {
 	}
 	b.printf("  published %d messages in %.1f s\n", bl.Events, bl.Publish.Seconds())
 	b.quiet("the rss run")
-	r, err := b.env.Catchup(b.ctx, bl, bench.CatchupConfig{Batch: b.o.batch, Linger: b.o.linger, PGParams: b.o.pgParams, Timeout: b.o.timeout})
+	r, err := b.env.Catchup(b.ctx, bl, bench.CatchupConfig{Batch: b.o.batch, Linger: b.o.linger, PGParams: b.o.pgParams, Timeout: b.o.timeout, Env: b.o.env()})
 	if err != nil {
 		return err
 	}
@@ -397,6 +402,13 @@ func (b *bencher) profile() error {
 		b.printf("  EXPLAIN ANALYZE plans of 2 transactions, 80%% into the run: %s\n", b.o.explain)
 	}
 	return nil
+}
+
+func (o options) env() []string {
+	if o.projectorEnv == "" {
+		return nil
+	}
+	return strings.Split(o.projectorEnv, ",")
 }
 
 func ms(d time.Duration) string { return fmt.Sprintf("%.1fms", float64(d.Microseconds())/1000) }

@@ -61,6 +61,7 @@ type CatchupConfig struct {
 	Linger    time.Duration
 	Timeout   time.Duration // default 10 min
 	PGParams  string        // Postgres settings for the projectors (ProjectorConfig.PGParams)
+	Env       []string      // extra environment for the projectors (KEY=VALUE)
 }
 
 // CatchupResult is what one catch-up run measured.
@@ -137,7 +138,7 @@ func (e *Env) Catchup(ctx context.Context, b Backlog, cfg CatchupConfig) (Catchu
 		}
 	}()
 	for range cfg.Instances {
-		p, err := e.StartProjector(ProjectorConfig{DatabaseURL: url, Stream: b.Stream, Durable: durable, Batch: cfg.Batch, Linger: cfg.Linger, PGParams: cfg.PGParams})
+		p, err := e.StartProjector(ProjectorConfig{DatabaseURL: url, Stream: b.Stream, Durable: durable, Batch: cfg.Batch, Linger: cfg.Linger, PGParams: cfg.PGParams, Env: cfg.Env})
 		if err != nil {
 			return res, err
 		}

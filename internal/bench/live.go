@@ -21,6 +21,7 @@ type LiveConfig struct {
 	Linger   time.Duration
 	Poll     time.Duration // visibility poll interval, default 2 ms
 	PGParams string        // Postgres settings for the projector (ProjectorConfig.PGParams)
+	Env      []string      // extra environment for the projector (KEY=VALUE)
 }
 
 // LiveResult is what one live run measured.
@@ -104,7 +105,7 @@ func (e *Env) Live(ctx context.Context, cfg LiveConfig) (LiveResult, error) {
 	if err != nil {
 		return res, err
 	}
-	p, err := e.StartProjector(ProjectorConfig{DatabaseURL: url, Stream: st, Durable: durable, Batch: cfg.Batch, Linger: cfg.Linger, PGParams: cfg.PGParams})
+	p, err := e.StartProjector(ProjectorConfig{DatabaseURL: url, Stream: st, Durable: durable, Batch: cfg.Batch, Linger: cfg.Linger, PGParams: cfg.PGParams, Env: cfg.Env})
 	if err != nil {
 		return res, err
 	}
