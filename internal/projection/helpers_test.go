@@ -5,11 +5,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgxpool"
-
 	"github.com/buildstate/buildstate/internal/events"
 	"github.com/buildstate/buildstate/internal/projection"
+	"github.com/buildstate/buildstate/internal/projector"
 	"github.com/buildstate/buildstate/internal/testenv"
 )
 
@@ -19,25 +17,14 @@ func TestMain(m *testing.M) { testenv.Main(m) }
 func newStore(t *testing.T, opts projection.Options) *projection.Store {
 	t.Helper()
 	ctx := context.Background()
-	url := testenv.Database(t)
-	conn, err := pgx.Connect(ctx, url)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := projection.Migrate(ctx, conn, "public"); err != nil {
-		t.Fatal(err)
-	}
-	conn.Close(ctx)
-	cfg, err := pgxpool.ParseConfig(url)
-	if err != nil {
-		t.Fatal(err)
-	}
-	projection.ConfigurePool(cfg)
-	pool, err := pgxpool.NewWithConfig(ctx, cfg)
+	pool, err := projector.OpenPool(ctx, testenv.Database(t))
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(pool.Close)
+	if err := projector.MigratePool(ctx, pool); err != nil {
+		t.Fatal(err)
+	}
 	if opts.Observer == nil {
 		// Every store of the suite counts constraint errors; none may occur.
 		obs := &countingObserver{}

@@ -142,7 +142,6 @@ func (s *Store) apply(ctx context.Context, msgs []Message, b batch) (Result, err
 // candidate is a decoded message that passed the contract's stateless rules.
 type candidate struct {
 	msg    Message
-	seq    uint64
 	ev     events.Event
 	digest []byte
 }
@@ -199,7 +198,7 @@ func (s *Store) prepare(b *batch, msgs []Message) {
 		if n == len(b.rounds) {
 			b.rounds = append(b.rounds, nil)
 		}
-		b.rounds[n] = append(b.rounds[n], candidate{msg: m, seq: m.Seq, ev: ev, digest: d[:]})
+		b.rounds[n] = append(b.rounds[n], candidate{msg: m, ev: ev, digest: d[:]})
 	}
 }
 
@@ -458,7 +457,7 @@ func idsOf(cands []candidate) (ids []string, digests [][]byte, seqs []int64) {
 	slices.SortFunc(sorted, func(a, b candidate) int { return strings.Compare(a.ev.ID, b.ev.ID) })
 	ids, digests, seqs = make([]string, len(sorted)), make([][]byte, len(sorted)), make([]int64, len(sorted))
 	for i, c := range sorted {
-		ids[i], digests[i], seqs[i] = c.ev.ID, c.digest, int64(c.seq)
+		ids[i], digests[i], seqs[i] = c.ev.ID, c.digest, int64(c.msg.Seq)
 	}
 	return ids, digests, seqs
 }
@@ -490,8 +489,6 @@ SELECT event_id, NULL::bytea, true FROM ins
 UNION ALL
 SELECT a.event_id, a.digest, false FROM projector_applied a
 WHERE a.event_id = ANY($1::text[]) AND NOT EXISTS (SELECT 1 FROM ins WHERE ins.event_id = a.event_id)`
-
-func (c candidate) message() Message { return c.msg }
 
 // detailOf is the human part of a rejection (the reason has its own column).
 func detailOf(err error) string {
@@ -621,7 +618,7 @@ func decideProject(ctx context.Context, p string, stored map[string]*fsm.Build, 
 		}
 		if b.Merge(c.ev) {
 			k := c.ev.Kind()
-			changed[[2]string{c.ev.BuildID, string(k)}] = factRow{build: b, kind: k, step: *b.Step(k), seq: c.seq, project: p}
+			changed[[2]string{c.ev.BuildID, string(k)}] = factRow{build: b, kind: k, step: *b.Step(k), seq: c.msg.Seq, project: p}
 		}
 	}
 	if !whole {

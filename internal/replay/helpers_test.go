@@ -10,7 +10,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -19,6 +18,7 @@ import (
 	"github.com/buildstate/buildstate/internal/fsm"
 	"github.com/buildstate/buildstate/internal/natsjs"
 	"github.com/buildstate/buildstate/internal/projection"
+	"github.com/buildstate/buildstate/internal/projector"
 	"github.com/buildstate/buildstate/internal/replay"
 	"github.com/buildstate/buildstate/internal/testenv"
 	"github.com/buildstate/buildstate/internal/workload"
@@ -94,25 +94,14 @@ func mustMarshal(t testing.TB, ev events.Event) []byte {
 func newDB(t testing.TB) *pgxpool.Pool {
 	t.Helper()
 	ctx := context.Background()
-	url := testenv.Database(t)
-	conn, err := pgx.Connect(ctx, url)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := projection.Migrate(ctx, conn, projection.LiveSchema); err != nil {
-		t.Fatal(err)
-	}
-	conn.Close(ctx)
-	cfg, err := pgxpool.ParseConfig(url)
-	if err != nil {
-		t.Fatal(err)
-	}
-	projection.ConfigurePool(cfg)
-	pool, err := pgxpool.NewWithConfig(ctx, cfg)
+	pool, err := projector.OpenPool(ctx, testenv.Database(t))
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(pool.Close)
+	if err := projector.MigratePool(ctx, pool); err != nil {
+		t.Fatal(err)
+	}
 	return pool
 }
 
