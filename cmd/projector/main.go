@@ -6,8 +6,8 @@
 //	projector dead-letters [--reason R] [--seq N]
 //	projector dead-letters retry [--reason R | --seq N]
 //	projector status PROJECT_ID [--json] [--at TIME | --seq N]
-//	projector rebuild [--dry-run] [--batch N] [--allow-truncated]
-//	projector verify [--no-rebuild] [--wait D] [--max-diff N] [--allow-truncated]
+//	projector rebuild [--dry-run] [--batch N] [--allow-truncated] [--incremental]
+//	projector verify [--no-rebuild] [--wait D] [--max-diff N] [--allow-truncated] [--incremental]
 package main
 
 import (

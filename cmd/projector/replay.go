@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"sort"
@@ -25,8 +26,7 @@ import (
 func runRebuild(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
 	fs, c := newFlags("rebuild", getenv, stderr)
 	dryRun := fs.Bool("dry-run", false, "build the shadow schema and leave it for inspection; do not swap")
-	allowTruncated := fs.Bool("allow-truncated", false, "replay a stream whose early messages were dropped (the result misses them)")
-	batch := fs.Int("batch", replay.DefaultBatch, "messages per transaction")
+	opts := replayFlags(fs, "replay a stream whose early messages were dropped (the result misses them)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -41,7 +41,7 @@ func runRebuild(ctx context.Context, args []string, getenv func(string) string, 
 	}
 	defer closeAll()
 	res, err := replay.Rebuild(ctx, pool, lg, replay.RebuildOptions{
-		Options: replay.Options{Batch: *batch, AllowTruncated: *allowTruncated, Progress: stderr, Logger: log},
+		Options: opts.options(stderr, log),
 		Store:   projection.Options{Prefix: c.cfg.Prefix, Logger: log},
 		DryRun:  *dryRun,
 	})
@@ -63,14 +63,31 @@ func runRebuild(ctx context.Context, args []string, getenv func(string) string, 
 	return nil
 }
 
+// replayOpts are the replay flags that rebuild and verify share.
+type replayOpts struct {
+	batch                       *int
+	allowTruncated, incremental *bool
+}
+
+func replayFlags(fs *flag.FlagSet, truncatedUsage string) replayOpts {
+	return replayOpts{
+		batch:          fs.Int("batch", replay.DefaultBatch, "messages per read of the stream (and per transaction with --incremental)"),
+		allowTruncated: fs.Bool("allow-truncated", false, truncatedUsage),
+		incremental:    fs.Bool("incremental", false, "replay through the live path's Apply, a transaction per batch, instead of in bulk (slower; for comparison)"),
+	}
+}
+
+func (o replayOpts) options(progress io.Writer, log *zap.Logger) replay.Options {
+	return replay.Options{Batch: *o.batch, AllowTruncated: *o.allowTruncated, Incremental: *o.incremental, Progress: progress, Logger: log}
+}
+
 // runVerify is `projector verify`: the live rows' checks, and a replay
 // compared with the live model (replay.Verify). Any fault is an error.
 func runVerify(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
 	fs, c := newFlags("verify", getenv, stderr)
 	noRebuild := fs.Bool("no-rebuild", false, "only check the live rows; no replay")
 	wait := fs.Duration("wait", 30*time.Second, "how long to wait for the projector to apply what is pending")
-	allowTruncated := fs.Bool("allow-truncated", false, "compare with a replay of a stream whose early messages were dropped")
-	batch := fs.Int("batch", replay.DefaultBatch, "messages per transaction of the replay")
+	opts := replayFlags(fs, "compare with a replay of a stream whose early messages were dropped")
 	maxRows := fs.Int("max-diff", 20, "most faults and differing rows of each table to print")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -86,7 +103,7 @@ func runVerify(ctx context.Context, args []string, getenv func(string) string, s
 	}
 	defer closeAll()
 	rep, err := replay.Verify(ctx, pool, lg, replay.VerifyOptions{
-		Options:   replay.Options{Batch: *batch, AllowTruncated: *allowTruncated, Progress: stderr, Logger: log},
+		Options:   opts.options(stderr, log),
 		Store:     projection.Options{Prefix: c.cfg.Prefix, Logger: log},
 		Durable:   c.cfg.Durable,
 		Wait:      *wait,

@@ -109,7 +109,7 @@ commands:
                                         a project's row and recent builds
   rebuild [--dry-run] [--batch N] [--allow-truncated]
                                         replay the stream into shadow tables and swap them in
-  verify [--no-rebuild] [--wait D] [--max-diff N] [--allow-truncated]
+  verify [--no-rebuild] [--wait D] [--max-diff N] [--allow-truncated] [--incremental]
                                         check constraints and that a rebuild equals the live model
 run 'projector COMMAND -h' for a command's flags`
 

@@ -146,15 +146,9 @@ type candidate struct {
 	digest []byte
 }
 
-type deadLetter struct {
-	msg    Message
-	reason events.Reason
-	detail string
-}
-
 type batch struct {
 	rounds [][]candidate // candidates, each id at most once a round
-	dead   []deadLetter  // refused by Decode
+	dead   []Refusal     // refused by Decode
 
 	redrive []int64        // dead letters to take out first (a retry)
 	retries map[uint64]int // their retry counts, kept if they die again
@@ -174,7 +168,7 @@ func (s *Store) prepare(b *batch, msgs []Message) {
 	for _, m := range sorted {
 		ev, err := events.Decode(s.opts.Prefix, m.Subject, m.Data, m.StoredAt)
 		if err != nil {
-			b.dead = append(b.dead, deadLetter{msg: m, reason: events.ReasonOf(err), detail: detailOf(err)})
+			b.dead = append(b.dead, RefusalOf(m, err))
 			continue
 		}
 		d := ev.Digest()
@@ -249,13 +243,13 @@ func (s *Store) applyRound(ctx context.Context, tx pgx.Tx, cands []candidate, b 
 	if err != nil {
 		return err
 	}
-	var dead []deadLetter
+	var dead []Refusal
 	var fresh []candidate
 	var undo []string // ids marked applied by this round whose event is refused after all
 	for _, c := range cands {
 		if owner := st.owners[c.ev.BuildID]; owner != c.ev.ProjectID {
-			dead = append(dead, deadLetter{msg: c.msg, reason: events.ReasonBuildProjectClash,
-				detail: fmt.Sprintf("build %q belongs to project %q, not %q", c.ev.BuildID, owner, c.ev.ProjectID)})
+			dead = append(dead, Refusal{Msg: c.msg, Reason: events.ReasonBuildProjectClash,
+				Detail: fmt.Sprintf("build %q belongs to project %q, not %q", c.ev.BuildID, owner, c.ev.ProjectID)})
 			if st.marked[c.ev.ID] {
 				undo = append(undo, c.ev.ID)
 			}
@@ -269,8 +263,8 @@ func (s *Store) applyRound(ctx context.Context, tx pgx.Tx, cands []candidate, b 
 			res.Duplicates++
 			continue
 		}
-		dead = append(dead, deadLetter{msg: c.msg, reason: events.ReasonIDConflict,
-			detail: fmt.Sprintf("id %q was applied before with different content", c.ev.ID)})
+		dead = append(dead, Refusal{Msg: c.msg, Reason: events.ReasonIDConflict,
+			Detail: fmt.Sprintf("id %q was applied before with different content", c.ev.ID)})
 	}
 	// A build claimed by this round for no applied event stays unclaimed: a
 	// refused event owns nothing.

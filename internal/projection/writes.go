@@ -85,9 +85,9 @@ const insertDeadLettersSQL = `
 INSERT INTO projector_dead_letters (stream_seq, subject, reason, detail, payload, stored_at, retries)
 SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::timestamptz[], $7::int[])
 ON CONFLICT (stream_seq) DO UPDATE
-SET reason = excluded.reason, detail = excluded.detail`
+SET reason = excluded.Reason, detail = excluded.Detail`
 
-func queueDeadLetters(b *pgx.Batch, dead []deadLetter, retries map[uint64]int) {
+func queueDeadLetters(b *pgx.Batch, dead []Refusal, retries map[uint64]int) {
 	if len(dead) == 0 {
 		return
 	}
@@ -99,21 +99,21 @@ func queueDeadLetters(b *pgx.Batch, dead []deadLetter, retries map[uint64]int) {
 	var stored []time.Time
 	var counts []int32
 	for _, d := range dead {
-		if seen[d.msg.Seq] {
+		if seen[d.Msg.Seq] {
 			continue
 		}
-		seen[d.msg.Seq] = true
-		at := d.msg.StoredAt
+		seen[d.Msg.Seq] = true
+		at := d.Msg.StoredAt
 		if at.IsZero() {
 			at = time.Now()
 		}
-		seqs = append(seqs, int64(d.msg.Seq))
-		subjects = append(subjects, d.msg.Subject)
-		reasons = append(reasons, string(d.reason))
-		details = append(details, d.detail)
-		payloads = append(payloads, nonNil(d.msg.Data))
+		seqs = append(seqs, int64(d.Msg.Seq))
+		subjects = append(subjects, d.Msg.Subject)
+		reasons = append(reasons, string(d.Reason))
+		details = append(details, d.Detail)
+		payloads = append(payloads, nonNil(d.Msg.Data))
 		stored = append(stored, at)
-		counts = append(counts, int32(retries[d.msg.Seq]))
+		counts = append(counts, int32(retries[d.Msg.Seq]))
 	}
 	b.Queue(insertDeadLettersSQL, seqs, subjects, reasons, details, payloads, stored, counts)
 }

@@ -9,10 +9,14 @@ package replay
 import (
 	"errors"
 	"fmt"
+	"runtime"
+	"slices"
+	"sync"
 	"time"
 
 	"github.com/buildstate/buildstate/internal/events"
 	"github.com/buildstate/buildstate/internal/fsm"
+	"github.com/buildstate/buildstate/internal/projection"
 )
 
 // ErrOutOfOrder is returned by Fold.Add for a message whose sequence is not
@@ -34,13 +38,24 @@ var ErrOutOfOrder = errors.New("message out of stream order")
 // subjects (as ProjectAt does), the two cross-project rules see only that
 // project's events.
 type Fold struct {
-	prefix  string
-	lastSeq uint64
-	digests map[string][32]byte              // event id -> digest of its first valid copy
-	owners  map[string]string                // build id -> project of its first claim
-	builds  map[string]map[string]*fsm.Build // project -> build id -> build
-	last    map[string]Position              // project -> last message that counted
-	counts  Counts
+	prefix   string
+	lastSeq  uint64
+	ids      map[string]mark                  // event id -> its first valid copy
+	builds   map[string]*projection.BulkBuild // build id -> build, under the project of its first claim
+	projects map[string]*foldProject          // project -> its builds and last position
+	refused  []projection.Refusal             // the messages the projector would dead-letter
+	counts   Counts
+}
+
+// mark is the first valid copy of an event id.
+type mark struct {
+	digest [32]byte
+	seq    uint64
+}
+
+type foldProject struct {
+	bulk projection.BulkProject
+	last Position
 }
 
 // Position is a message's place in the log.
@@ -59,11 +74,10 @@ type Counts struct {
 // NewFold returns an empty fold of messages published under prefix.
 func NewFold(prefix string) *Fold {
 	return &Fold{
-		prefix:  prefix,
-		digests: map[string][32]byte{},
-		owners:  map[string]string{},
-		builds:  map[string]map[string]*fsm.Build{},
-		last:    map[string]Position{},
+		prefix:   prefix,
+		ids:      map[string]mark{},
+		builds:   map[string]*projection.BulkBuild{},
+		projects: map[string]*foldProject{},
 	}
 }
 
@@ -75,62 +89,112 @@ func (f *Fold) Add(seq uint64, subject string, data []byte, storedAt time.Time) 
 	if seq <= f.lastSeq {
 		return false, fmt.Errorf("%w: %d after %d", ErrOutOfOrder, seq, f.lastSeq)
 	}
-	f.lastSeq = seq
+	m := projection.Message{Seq: seq, Subject: subject, Data: data, StoredAt: storedAt}
 	ev, err := events.Decode(f.prefix, subject, data, storedAt)
+	return f.add(m, ev, err)
+}
+
+// AddBatch folds msgs in, in order, decoding them on up to GOMAXPROCS
+// goroutines first. Messages the projector would dead-letter are kept
+// (Bulk.Dead); it fails only with ErrOutOfOrder.
+func (f *Fold) AddBatch(msgs []projection.Message) error {
+	decoded := make([]decoded, len(msgs))
+	workers := min(runtime.GOMAXPROCS(0), max(1, len(msgs)/256))
+	chunk := (len(msgs) + workers - 1) / workers
+	var wg sync.WaitGroup
+	for lo := 0; lo < len(msgs); lo += chunk {
+		hi := min(len(msgs), lo+chunk)
+		wg.Go(func() {
+			for i := lo; i < hi; i++ {
+				m := msgs[i]
+				decoded[i].ev, decoded[i].err = events.Decode(f.prefix, m.Subject, m.Data, m.StoredAt)
+			}
+		})
+	}
+	wg.Wait()
+	for i, m := range msgs {
+		if m.Seq <= f.lastSeq {
+			return fmt.Errorf("%w: %d after %d", ErrOutOfOrder, m.Seq, f.lastSeq)
+		}
+		_, _ = f.add(m, decoded[i].ev, decoded[i].err)
+	}
+	return nil
+}
+
+type decoded struct {
+	ev  events.Event
+	err error
+}
+
+// add folds in message m, decoded as ev or refused with err by Decode.
+func (f *Fold) add(m projection.Message, ev events.Event, err error) (bool, error) {
+	f.lastSeq = m.Seq
 	if err != nil {
-		f.counts.Refused++
-		return false, err
+		return false, f.refuse(m, err)
 	}
 	// As the projector does, event by event: a build named under another
 	// project than the one that claimed it is refused; then a repeated id is
 	// a duplicate or a conflict; only an event that counts claims its build.
-	owner, claimed := f.owners[ev.BuildID]
-	if claimed && owner != ev.ProjectID {
-		f.counts.Refused++
-		return false, events.Conflict(events.ReasonBuildProjectClash, "build %q belongs to project %q, not %q", ev.BuildID, owner, ev.ProjectID)
+	b, claimed := f.builds[ev.BuildID]
+	if claimed && b.ProjectID != ev.ProjectID {
+		return false, f.refuse(m, events.Conflict(events.ReasonBuildProjectClash,
+			"build %q belongs to project %q, not %q", ev.BuildID, b.ProjectID, ev.ProjectID))
 	}
 	d := ev.Digest()
-	if prev, ok := f.digests[ev.ID]; ok {
-		if prev == d {
+	if prev, ok := f.ids[ev.ID]; ok {
+		if prev.digest == d {
 			f.counts.Duplicates++
 			return false, nil
 		}
-		f.counts.Refused++
-		return false, events.Conflict(events.ReasonIDConflict, "id %q was seen earlier in the log with different content", ev.ID)
+		return false, f.refuse(m, events.Conflict(events.ReasonIDConflict,
+			"id %q was applied before with different content", ev.ID))
 	}
-	f.digests[ev.ID] = d
+	f.ids[ev.ID] = mark{digest: d, seq: m.Seq}
+	p := f.projects[ev.ProjectID]
+	if p == nil {
+		p = &foldProject{bulk: projection.BulkProject{ID: ev.ProjectID}}
+		f.projects[ev.ProjectID] = p
+	}
 	if !claimed {
-		f.owners[ev.BuildID] = ev.ProjectID
+		b = &projection.BulkBuild{Build: fsm.Build{ID: ev.BuildID, ProjectID: p.bulk.ID}}
+		f.builds[ev.BuildID] = b
+		p.bulk.Builds = append(p.bulk.Builds, b)
 	}
-	bs := f.builds[ev.ProjectID]
-	if bs == nil {
-		bs = map[string]*fsm.Build{}
-		f.builds[ev.ProjectID] = bs
+	if b.Merge(ev) {
+		b.Seqs[projection.KindSlot(ev.Kind())] = m.Seq
 	}
-	b := bs[ev.BuildID]
-	if b == nil {
-		b = &fsm.Build{ID: ev.BuildID, ProjectID: ev.ProjectID}
-		bs[ev.BuildID] = b
-	}
-	b.Merge(ev)
-	f.last[ev.ProjectID] = Position{Seq: seq, StoredAt: storedAt}
+	p.last = Position{Seq: m.Seq, StoredAt: m.StoredAt}
 	f.counts.Applied++
 	return true, nil
+}
+
+func (f *Fold) refuse(m projection.Message, err error) error {
+	f.counts.Refused++
+	f.refused = append(f.refused, projection.RefusalOf(m, err))
+	return err
 }
 
 // View is what the read model holds for project after the messages added so
 // far: its row (nil while it has no visible build) and its metrics rows.
 func (f *Fold) View(project string) fsm.View {
-	bs := f.builds[project]
-	list := make([]*fsm.Build, 0, len(bs))
-	for _, b := range bs {
-		list = append(list, b)
+	p := f.projects[project]
+	if p == nil {
+		return fsm.Derive(project, nil)
+	}
+	list := make([]*fsm.Build, len(p.bulk.Builds))
+	for i, b := range p.bulk.Builds {
+		list[i] = &b.Build
 	}
 	return fsm.Derive(project, list)
 }
 
 // Last is the last message that counted for project (the zero Position if none).
-func (f *Fold) Last(project string) Position { return f.last[project] }
+func (f *Fold) Last(project string) Position {
+	if p := f.projects[project]; p != nil {
+		return p.last
+	}
+	return Position{}
+}
 
 // LastSeq is the sequence of the last message added.
 func (f *Fold) LastSeq() uint64 { return f.lastSeq }
@@ -140,9 +204,32 @@ func (f *Fold) Counts() Counts { return f.counts }
 
 // Projects lists the projects with at least one counted event, in no order.
 func (f *Fold) Projects() []string {
-	out := make([]string, 0, len(f.builds))
-	for p := range f.builds {
+	out := make([]string, 0, len(f.projects))
+	for p := range f.projects {
 		out = append(out, p)
 	}
 	return out
+}
+
+// Bulk is the fold's read model as rows for projection.Shadow.Load. The
+// fold must not change while they are read; they may be read by several
+// goroutines at once.
+func (f *Fold) Bulk() projection.Bulk {
+	return projection.Bulk{
+		Projects: func(yield func(*projection.BulkProject) bool) {
+			for _, p := range f.projects {
+				if !yield(&p.bulk) {
+					return
+				}
+			}
+		},
+		Applied: func(yield func(projection.Applied) bool) {
+			for id, m := range f.ids {
+				if !yield(projection.Applied{EventID: id, Digest: m.digest, Seq: m.seq}) {
+					return
+				}
+			}
+		},
+		Dead: slices.Values(f.refused),
+	}
 }

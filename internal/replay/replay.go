@@ -20,7 +20,8 @@ const (
 
 // Options tune a replay.
 type Options struct {
-	Batch          int           // messages per transaction, default DefaultBatch
+	Batch          int           // messages per read (and per transaction of an incremental replay), default DefaultBatch
+	Incremental    bool          // replay through the store's Apply, batch by batch, instead of Load
 	AllowTruncated bool          // replay a stream whose history is not whole
 	Progress       io.Writer     // progress lines go here (nil: none)
 	ProgressEvery  time.Duration // default 1s
@@ -94,6 +95,57 @@ func Into(ctx context.Context, log Log, sh *projection.Shadow, from, to uint64, 
 	return st, nil
 }
 
+// Load replays the messages of the log up to sequence to into the fresh,
+// empty shadow sh as bulk work: it reads the stream in batches of
+// opts.Batch, decodes each batch on every core and folds it in memory with
+// the store's rules (Fold) while the next batch is read, then writes every
+// table of the shadow with COPY (projection.Shadow.Load). No message costs
+// a round trip to Postgres. The fold holds the log's read model and one
+// mark per event id: memory grows with the log (about 400 bytes an event).
+func Load(ctx context.Context, log Log, sh *projection.Shadow, to uint64, opts Options, label string) (Stats, error) {
+	opts.defaults()
+	start := time.Now()
+	st := Stats{Through: to}
+	f := NewFold(log.Prefix)
+	p := newProgress(opts.Progress, opts.ProgressEvery, label+": read", int(to))
+	err := log.Read(ctx, Span{To: to, Batch: opts.Batch}, func(msgs []projection.Message) error {
+		if err := f.AddBatch(msgs); err != nil {
+			return err
+		}
+		st.Messages += len(msgs)
+		p.add(len(msgs))
+		return nil
+	})
+	if err != nil {
+		st.Elapsed = time.Since(start)
+		return st, fmt.Errorf("%s: %w", label, err)
+	}
+	p.finish()
+	c := f.Counts()
+	st.Result = projection.Result{Applied: c.Applied, Duplicates: c.Duplicates, DeadLettered: c.Refused}
+	written := time.Now()
+	rows, err := sh.Load(ctx, f.Bulk())
+	st.Elapsed = time.Since(start)
+	if err != nil {
+		return st, fmt.Errorf("%s: %w", label, err)
+	}
+	if opts.Progress != nil {
+		fmt.Fprintf(opts.Progress, "%s: wrote %d projects, %d metrics rows, %d facts, %d event ids, %d dead letters in %s\n",
+			label, rows["projects"], rows["project_build_metrics"], rows["projector_facts"], rows["projector_applied"],
+			rows["projector_dead_letters"], time.Since(written).Round(100*time.Millisecond))
+	}
+	return st, nil
+}
+
+// fill replays (0, to] into the fresh shadow sh: Load, or Into when
+// opts.Incremental.
+func fill(ctx context.Context, log Log, sh *projection.Shadow, to uint64, opts Options, label string) (Stats, error) {
+	if opts.Incremental {
+		return Into(ctx, log, sh, 0, to, opts, label)
+	}
+	return Load(ctx, log, sh, to, opts, label)
+}
+
 // RebuildOptions tune Rebuild.
 type RebuildOptions struct {
 	Options
@@ -118,8 +170,8 @@ type RebuildResult struct {
 // running meanwhile neither skips nor repeats an event). It refuses a stream
 // whose history is not whole unless opts.AllowTruncated.
 //
-// Phase 1 replays up to the stream's last sequence at the start, without
-// blocking the live projector. Phase 2 takes the rebuild gate exclusive (the
+// Phase 1 replays up to the stream's last sequence at the start (Load, or
+// Into with opts.Incremental), without blocking the live projector. Phase 2 takes the rebuild gate exclusive (the
 // live projector pauses between batches), replays what was stored in the
 // meantime, and swaps, in one transaction.
 func Rebuild(ctx context.Context, live *pgxpool.Pool, log Log, opts RebuildOptions) (RebuildResult, error) {
@@ -146,7 +198,7 @@ func Rebuild(ctx context.Context, live *pgxpool.Pool, log Log, opts RebuildOptio
 	}
 	defer sh.Close()
 	opts.Logger.Info("rebuild: replaying", zap.String("shadow", opts.Shadow), zap.Uint64("through", h.Last))
-	res.Replay, err = Into(ctx, log, sh, 0, h.Last, opts.Options, "rebuild")
+	res.Replay, err = fill(ctx, log, sh, h.Last, opts.Options, "rebuild")
 	if err != nil {
 		return res, fmt.Errorf("rebuild: %w", err)
 	}

@@ -106,7 +106,7 @@ func Verify(ctx context.Context, live *pgxpool.Pool, log Log, opts VerifyOptions
 	}
 	defer sh.Close()
 	opts.Logger.Info("verify: replaying", zap.String("shadow", opts.Shadow), zap.Uint64("through", through))
-	rep.Replay, err = Into(ctx, log, sh, 0, through, opts.Options, "verify")
+	rep.Replay, err = fill(ctx, log, sh, through, opts.Options, "verify")
 	if err != nil {
 		return rep, fmt.Errorf("verify: %w", err)
 	}
