@@ -168,14 +168,14 @@ func (e Event) Digest() [32]byte {
 			b = append(b, 0xfe)
 			return
 		}
-		field(strconv.FormatInt(*n, 10))
+		b = append(strconv.AppendInt(b, *n, 10), 0xff)
 	}
-	field(strconv.Itoa(e.SpecVersion))
+	b = append(strconv.AppendInt(b, int64(e.SpecVersion), 10), 0xff)
 	field(e.ID)
 	field(e.Type)
 	field(e.ProjectID)
 	field(e.BuildID)
-	field(e.OccurredAt.UTC().Format(time.RFC3339Nano))
+	b = append(e.OccurredAt.UTC().AppendFormat(b, time.RFC3339Nano), 0xff)
 	opt(d.Framework)
 	opt(d.NodeVersion)
 	opt(d.PackageManager)

@@ -1,14 +1,16 @@
 package events
 
 import (
-	"bytes"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"regexp"
+	"strconv"
+	"sync"
 	"time"
 	"unicode"
 	"unicode/utf8"
+
+	"github.com/go-json-experiment/json"
+	"github.com/go-json-experiment/json/jsontext"
 )
 
 // ErrInvalid is matched (errors.Is) by every *InvalidError: the event can
@@ -64,21 +66,45 @@ func ReasonOf(err error) Reason {
 // (id seen with other content, build seen under another project).
 func Conflict(r Reason, format string, args ...any) error { return invalid(r, format, args...) }
 
-var projectIDPattern = regexp.MustCompile(`^[A-Za-z0-9_-]{1,128}$`)
-
 // ValidProjectID reports whether id matches ^[A-Za-z0-9_-]{1,128}$.
-func ValidProjectID(id string) bool { return projectIDPattern.MatchString(id) }
-
-// wire is the JSON shape read off the log; pointers tell absent from zero.
-type wire struct {
-	SpecVersion *int            `json:"spec_version"`
-	ID          *string         `json:"id"`
-	Type        *string         `json:"type"`
-	ProjectID   *string         `json:"project_id"`
-	BuildID     *string         `json:"build_id"`
-	OccurredAt  *string         `json:"occurred_at"`
-	Data        json.RawMessage `json:"data"`
+func ValidProjectID(id string) bool {
+	if len(id) < 1 || len(id) > 128 {
+		return false
+	}
+	for i := 0; i < len(id); i++ {
+		if c := id[i]; !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || c == '_' || c == '-') {
+			return false
+		}
+	}
+	return true
 }
+
+// wire is the JSON shape read off the log, decoded in one pass. Each member
+// records whether it was present (absent and null are the same) and whether
+// its value had the wrong JSON type; the types are checked afterwards, in
+// the order of the contract's rules. data is read for every kind's fields
+// at once: which of them count depends on the type.
+type wire struct {
+	SpecVersion jsonInt[int] `json:"spec_version"`
+	ID          jsonString   `json:"id"`
+	Type        jsonString   `json:"type"`
+	ProjectID   jsonString   `json:"project_id"`
+	BuildID     jsonString   `json:"build_id"`
+	OccurredAt  jsonString   `json:"occurred_at"`
+	Data        jsonData     `json:"data"`
+}
+
+// wires recycles the wire values Decode decodes into: one is about 600
+// bytes, and nothing Decode returns points into it.
+var wires = sync.Pool{New: func() any { return new(wire) }}
+
+// decodeOptions make json v2 read a body as encoding/json did: a repeated
+// member name is allowed (its last occurrence counts: each occurrence
+// overwrites the member's field), and an escaped lone surrogate such as
+// "\ud800" reads as U+FFFD. Raw invalid UTF-8 never reaches the decoder
+// (Decode refuses it first). Member names match case-sensitively, json v2's
+// default, so a key "ID" is not "id"; unknown members are skipped.
+var decodeOptions = json.JoinOptions(jsontext.AllowDuplicateNames(true), jsontext.AllowInvalidUTF8(true))
 
 // Decode reads one message body published on subject (under prefix) and
 // applies every rule of the contract that needs no history. storedAt is when
@@ -90,39 +116,44 @@ func Decode(prefix, subject string, body []byte, storedAt time.Time) (Event, err
 	if !utf8.Valid(body) {
 		return Event{}, invalid(ReasonNotUTF8, "body is not valid UTF-8")
 	}
-	var w wire
-	if err := exactFields(body, map[string]any{
-		"spec_version": &w.SpecVersion, "id": &w.ID, "type": &w.Type, "project_id": &w.ProjectID,
-		"build_id": &w.BuildID, "occurred_at": &w.OccurredAt, "data": &w.Data,
-	}); err != nil {
-		return Event{}, invalid(ReasonMalformedJSON, "%v", err)
+	w := wires.Get().(*wire)
+	defer func() {
+		*w = wire{} // hold on to no strings
+		wires.Put(w)
+	}()
+	if err := json.Unmarshal(body, w, decodeOptions); err != nil || !isObject(body) {
+		return Event{}, invalid(ReasonMalformedJSON, "%s", notAnObject(body, err))
 	}
-	if w.SpecVersion == nil || *w.SpecVersion != SpecVersion {
+	if err := typeError([]field{{"spec_version", &w.SpecVersion}, {"id", &w.ID}, {"type", &w.Type},
+		{"project_id", &w.ProjectID}, {"build_id", &w.BuildID}, {"occurred_at", &w.OccurredAt}}); err != "" {
+		return Event{}, invalid(ReasonMalformedJSON, "%s", err)
+	}
+	if !w.SpecVersion.set || w.SpecVersion.v != SpecVersion {
 		got := "missing"
-		if w.SpecVersion != nil {
-			got = fmt.Sprint(*w.SpecVersion)
+		if w.SpecVersion.set {
+			got = fmt.Sprint(w.SpecVersion.v)
 		}
 		return Event{}, invalid(ReasonSpecVersion, "spec_version is %s; this projector reads %d", got, SpecVersion)
 	}
 	ev := Event{SpecVersion: SpecVersion}
-	if w.Type == nil {
+	if !w.Type.set {
 		return Event{}, invalid(ReasonUnknownType, "type is missing")
 	}
-	ev.Type = *w.Type
+	ev.Type = w.Type.v
 	kind, ok := KindOfType(ev.Type)
 	if !ok {
 		return Event{}, invalid(ReasonUnknownType, "type %q is not one of build.queued, build.started, build.metrics_recorded, build.completed", ev.Type)
 	}
-	ev.ID, ev.ProjectID, ev.BuildID = deref(w.ID), deref(w.ProjectID), deref(w.BuildID)
-	if w.OccurredAt == nil {
+	ev.ID, ev.ProjectID, ev.BuildID = w.ID.v, w.ProjectID.v, w.BuildID.v
+	if !w.OccurredAt.set {
 		return Event{}, invalid(ReasonInvalidOccurredAt, "occurred_at is missing")
 	}
-	at, err := time.Parse(time.RFC3339Nano, *w.OccurredAt)
+	at, err := time.Parse(time.RFC3339Nano, w.OccurredAt.v)
 	if err != nil {
-		return Event{}, invalid(ReasonInvalidOccurredAt, "occurred_at %q is not RFC 3339", *w.OccurredAt)
+		return Event{}, invalid(ReasonInvalidOccurredAt, "occurred_at %q is not RFC 3339", w.OccurredAt.v)
 	}
 	ev.OccurredAt = at.UTC().Truncate(time.Microsecond)
-	data, err := decodeData(kind, w.Data)
+	data, err := w.Data.of(kind)
 	if err != nil {
 		return Event{}, err
 	}
@@ -197,62 +228,283 @@ func validateData(kind Kind, d Data) error {
 	return nil
 }
 
-// decodeData reads only the fields of kind; other fields are ignored, as the
-// contract says of unknown fields.
-func decodeData(kind Kind, raw json.RawMessage) (Data, error) {
-	raw = bytes.TrimSpace(raw)
-	if len(raw) == 0 || bytes.Equal(raw, []byte("null")) {
-		raw = []byte("{}")
+// jsonData is the data member: an object of kind-specific fields, absent,
+// or null (both read as {}). A repeated data member counts by its last
+// occurrence only, as a whole.
+type jsonData struct {
+	notObject bool // data is neither an object nor null
+	fields    dataFields
+}
+
+// dataFields holds the fields of every kind; only those of the event's kind
+// count (their types included): the contract ignores the others.
+type dataFields struct {
+	Framework      jsonString     `json:"framework"`
+	NodeVersion    jsonString     `json:"node_version"`
+	PackageManager jsonString     `json:"package_manager"`
+	Attempt        jsonInt[int64] `json:"attempt"`
+	Outcome        jsonString     `json:"outcome"`
+	DurationMS     jsonInt[int64] `json:"duration_ms"`
+	Error          jsonString     `json:"error"`
+}
+
+// UnmarshalJSONFrom implements json.UnmarshalerFrom.
+func (d *jsonData) UnmarshalJSONFrom(dec *jsontext.Decoder) error {
+	*d = jsonData{}
+	switch dec.PeekKind() {
+	case jsontext.KindNull:
+		_, err := dec.ReadToken()
+		return err
+	case jsontext.KindBeginObject:
+		return json.UnmarshalDecode(dec, &d.fields)
 	}
-	if raw[0] != '{' {
+	d.notObject = true
+	return dec.SkipValue()
+}
+
+// of returns the data of kind; a field of kind with a value of the wrong
+// JSON type, or data that is not an object, is invalid.
+func (d *jsonData) of(kind Kind) (Data, error) {
+	if d.notObject {
 		return Data{}, invalid(ReasonInvalidData, "data must be a JSON object")
 	}
-	var d Data
-	var outcome *string
-	var fields map[string]any
+	f := &d.fields
+	var err string
 	switch kind {
-	case KindQueued:
-		fields = map[string]any{}
 	case KindStarted:
-		fields = map[string]any{"framework": &d.Framework}
+		err = typeError([]field{{"framework", &f.Framework}})
 	case KindMetricsRecorded:
-		fields = map[string]any{"framework": &d.Framework, "node_version": &d.NodeVersion,
-			"package_manager": &d.PackageManager, "attempt": &d.Attempt}
+		err = typeError([]field{{"framework", &f.Framework}, {"node_version", &f.NodeVersion},
+			{"package_manager", &f.PackageManager}, {"attempt", &f.Attempt}})
 	case KindCompleted:
-		fields = map[string]any{"outcome": &outcome, "duration_ms": &d.DurationMS, "error": &d.Error}
+		err = typeError([]field{{"outcome", &f.Outcome}, {"duration_ms", &f.DurationMS}, {"error", &f.Error}})
 	}
-	err := exactFields(raw, fields)
-	d.Outcome = Outcome(deref(outcome))
-	if err != nil {
-		return Data{}, invalid(ReasonInvalidData, "data: %v", err)
+	if err != "" {
+		return Data{}, invalid(ReasonInvalidData, "data: %s", err)
 	}
-	return d, nil
+	// The values are copied out of d (which is large and short-lived), in
+	// one allocation per event.
+	switch kind {
+	case KindStarted:
+		if f.Framework.set {
+			framework := f.Framework.v
+			return Data{Framework: &framework}, nil
+		}
+	case KindMetricsRecorded:
+		if f.Framework.set || f.NodeVersion.set || f.PackageManager.set || f.Attempt.set {
+			v := &struct {
+				framework, nodeVersion, packageManager string
+				attempt                                int64
+			}{f.Framework.v, f.NodeVersion.v, f.PackageManager.v, f.Attempt.v}
+			return Data{Framework: f.Framework.at(&v.framework), NodeVersion: f.NodeVersion.at(&v.nodeVersion),
+				PackageManager: f.PackageManager.at(&v.packageManager), Attempt: f.Attempt.at(&v.attempt)}, nil
+		}
+	case KindCompleted:
+		out := Data{Outcome: Outcome(f.Outcome.v)}
+		if f.DurationMS.set || f.Error.set {
+			v := &struct {
+				err        string
+				durationMS int64
+			}{f.Error.v, f.DurationMS.v}
+			out.DurationMS, out.Error = f.DurationMS.at(&v.durationMS), f.Error.at(&v.err)
+		}
+		return out, nil
+	}
+	return Data{}, nil
 }
 
-// exactFields decodes a JSON object, taking each named field only when its
-// key matches exactly (encoding/json alone would also take "ID" for "id");
-// other keys are ignored, as the contract says of unknown fields.
-func exactFields(obj []byte, fields map[string]any) error {
-	var m map[string]json.RawMessage
-	if err := json.Unmarshal(obj, &m); err != nil {
+// member is a decoded member whose value may have had the wrong JSON type.
+type member interface {
+	// typeError is "" or, when the value had the wrong JSON type, the
+	// message encoding/json gave for it.
+	typeError() string
+}
+
+// field is a member with its name.
+type field struct {
+	name string
+	m    member
+}
+
+// typeError returns "field <name>: <message>" for the first of fields with
+// a value of the wrong JSON type, or "". (encoding/json reported one of
+// them, in no fixed order.)
+func typeError(fields []field) string {
+	for _, f := range fields {
+		if msg := f.m.typeError(); msg != "" {
+			return "field " + f.name + ": " + msg
+		}
+	}
+	return ""
+}
+
+// jsonString is a string member as encoding/json read it into a *string:
+// absent and null leave it unset; a value of another JSON type is recorded
+// (not returned: a later occurrence of the member may replace it).
+type jsonString struct {
+	v   string
+	set bool
+	bad string // the JSON type of a wrong value, as encoding/json named it
+}
+
+// UnmarshalJSONFrom implements json.UnmarshalerFrom.
+func (s *jsonString) UnmarshalJSONFrom(dec *jsontext.Decoder) error {
+	*s = jsonString{}
+	switch k := dec.PeekKind(); k {
+	case jsontext.KindNull:
+		_, err := dec.ReadToken()
 		return err
+	case jsontext.KindString:
+		tok, err := dec.ReadToken()
+		if err != nil {
+			return err
+		}
+		s.v, s.set = tok.String(), true
+		return nil
+	case jsontext.KindNumber:
+		s.bad = "number"
+	default:
+		s.bad = kindName(k)
 	}
-	if m == nil {
-		return errors.New("not a JSON object")
+	return dec.SkipValue()
+}
+
+func (s *jsonString) typeError() string { return unmarshalTypeError(s.bad, "string") }
+
+// at returns p, which holds s's value, or nil if s is unset.
+func (s *jsonString) at(p *string) *string {
+	if !s.set {
+		return nil
 	}
-	for name, dst := range fields {
-		raw, ok := m[name]
-		if !ok {
+	return p
+}
+
+// jsonInt is an integer member as encoding/json read it into a *T: absent
+// and null leave it unset; a number that is not an integer in T's range,
+// or a value of another JSON type, is recorded as wrong.
+type jsonInt[T int | int64] struct {
+	v   T
+	set bool
+	bad string
+}
+
+// UnmarshalJSONFrom implements json.UnmarshalerFrom.
+func (n *jsonInt[T]) UnmarshalJSONFrom(dec *jsontext.Decoder) error {
+	*n = jsonInt[T]{}
+	switch k := dec.PeekKind(); k {
+	case jsontext.KindNull:
+		_, err := dec.ReadToken()
+		return err
+	case jsontext.KindNumber:
+		lit, err := dec.ReadValue()
+		if err != nil {
+			return err
+		}
+		// As encoding/json: ParseInt of the literal (so no fraction or
+		// exponent, even 1.0 or 1e2), then within T's range.
+		i, err := strconv.ParseInt(string(lit), 10, 64)
+		if err != nil || int64(T(i)) != i {
+			n.bad = "number " + string(lit)
+			return nil
+		}
+		n.v, n.set = T(i), true
+		return nil
+	default:
+		n.bad = kindName(k)
+		return dec.SkipValue()
+	}
+}
+
+func (n *jsonInt[T]) typeError() string {
+	if n.bad == "" {
+		return ""
+	}
+	var zero T
+	return unmarshalTypeError(n.bad, fmt.Sprintf("%T", zero))
+}
+
+// at returns p, which holds n's value, or nil if n is unset.
+func (n *jsonInt[T]) at(p *T) *T {
+	if !n.set {
+		return nil
+	}
+	return p
+}
+
+// kindName names a JSON kind as encoding/json's type errors did ("" for
+// KindInvalid: a syntax error, which SkipValue then reports).
+func kindName(k jsontext.Kind) string {
+	switch k {
+	case jsontext.KindString:
+		return "string"
+	case jsontext.KindNumber:
+		return "number"
+	case jsontext.KindTrue, jsontext.KindFalse:
+		return "bool"
+	case jsontext.KindBeginObject:
+		return "object"
+	case jsontext.KindBeginArray:
+		return "array"
+	}
+	return ""
+}
+
+// unmarshalTypeError is encoding/json's message for a value of JSON type
+// bad read into Go type typ, or "" if bad is "".
+func unmarshalTypeError(bad, typ string) string {
+	if bad == "" {
+		return ""
+	}
+	return "json: cannot unmarshal " + bad + " into Go value of type " + typ
+}
+
+// isObject reports whether the JSON value obj (with optional whitespace
+// around it) is an object.
+func isObject(obj []byte) bool {
+	for _, c := range obj {
+		switch c {
+		case ' ', '\t', '\n', '\r':
 			continue
 		}
-		if err := json.Unmarshal(raw, dst); err != nil {
-			return fmt.Errorf("field %s: %w", name, err)
-		}
+		return c == '{'
 	}
-	return nil
+	return false
 }
 
+// notAnObject says why body, which did not decode into wire with error err
+// (maybe nil), is not a JSON object. A syntax error comes first (as in
+// encoding/json, which checked the whole body before decoding any of it).
+func notAnObject(body []byte, err error) string {
+	var v jsontext.Value
+	if err := json.Unmarshal(body, &v, decodeOptions); err != nil {
+		return err.Error()
+	}
+	if isObject(body) { // cannot happen: wire takes every syntactically valid object
+		return err.Error()
+	}
+	if k := v.Kind(); k != jsontext.KindNull {
+		return unmarshalTypeError(kindName(k), "map[string]json.RawMessage")
+	}
+	return "not a JSON object"
+}
+
+// printable reports whether s is 1 to 128 characters, each of them
+// printable (unicode.IsPrint; an invalid UTF-8 byte counts as one U+FFFD,
+// which is).
 func printable(s string) bool {
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if c >= utf8.RuneSelf {
+			return printableRunes(s)
+		}
+		if c < ' ' || c == 0x7f { // the ASCII characters unicode.IsPrint refuses
+			return false
+		}
+	}
+	return len(s) >= 1 && len(s) <= 128 // ASCII: one byte per character
+}
+
+func printableRunes(s string) bool {
 	n := utf8.RuneCountInString(s)
 	if n < 1 || n > 128 {
 		return false
@@ -263,11 +515,4 @@ func printable(s string) bool {
 		}
 	}
 	return true
-}
-
-func deref(s *string) string {
-	if s == nil {
-		return ""
-	}
-	return *s
 }
