@@ -40,18 +40,22 @@ var ErrOutOfOrder = errors.New("message out of stream order")
 type Fold struct {
 	prefix   string
 	lastSeq  uint64
-	ids      map[string]mark                  // event id -> its first valid copy
+	ids      map[string][32]byte              // event id -> digest of its first valid copy
 	builds   map[string]*projection.BulkBuild // build id -> build, under the project of its first claim
 	projects map[string]*foldProject          // project -> its builds and last position
 	refused  []projection.Refusal             // the messages the projector would dead-letter
+	interned map[string]*string               // one copy of each framework, node version, package manager
 	counts   Counts
+
+	// Applied, if set, is called with each event id that counts, at its
+	// first sequence, in stream order: the projector_applied rows, final
+	// as soon as they are made (a bulk replay streams them to the shadow
+	// while it reads the log).
+	Applied func(projection.Applied)
 }
 
-// mark is the first valid copy of an event id.
-type mark struct {
-	digest [32]byte
-	seq    uint64
-}
+// maxInterned bounds Fold.interned: past it, values are kept as decoded.
+const maxInterned = 4096
 
 type foldProject struct {
 	bulk projection.BulkProject
@@ -75,10 +79,27 @@ type Counts struct {
 func NewFold(prefix string) *Fold {
 	return &Fold{
 		prefix:   prefix,
-		ids:      map[string]mark{},
+		ids:      map[string][32]byte{},
 		builds:   map[string]*projection.BulkBuild{},
 		projects: map[string]*foldProject{},
+		interned: map[string]*string{},
 	}
+}
+
+// intern returns the fold's copy of *s: the few frameworks, node versions
+// and package managers repeat across a log's events, so the builds share
+// them instead of holding a copy each.
+func (f *Fold) intern(s *string) *string {
+	if s == nil {
+		return nil
+	}
+	if c, ok := f.interned[*s]; ok {
+		return c
+	}
+	if len(f.interned) < maxInterned {
+		f.interned[*s] = s
+	}
+	return s
 }
 
 // Add folds one message in. It returns whether the message counted as a new
@@ -90,15 +111,28 @@ func (f *Fold) Add(seq uint64, subject string, data []byte, storedAt time.Time) 
 		return false, fmt.Errorf("%w: %d after %d", ErrOutOfOrder, seq, f.lastSeq)
 	}
 	m := projection.Message{Seq: seq, Subject: subject, Data: data, StoredAt: storedAt}
-	ev, err := events.Decode(f.prefix, subject, data, storedAt)
-	return f.add(m, ev, err)
+	var d decoded
+	d.decode(f.prefix, m)
+	return f.add(m, d)
 }
 
-// AddBatch folds msgs in, in order, decoding them on up to GOMAXPROCS
-// goroutines first. Messages the projector would dead-letter are kept
-// (Bulk.Dead); it fails only with ErrOutOfOrder.
-func (f *Fold) AddBatch(msgs []projection.Message) error {
-	decoded := make([]decoded, len(msgs))
+// AddBatch folds msgs in, in order: AddDecoded(Decode(msgs)).
+func (f *Fold) AddBatch(msgs []projection.Message) error { return f.AddDecoded(f.Decode(msgs)) }
+
+// Decoded is a batch of messages decoded by Fold.Decode.
+type Decoded struct {
+	msgs []projection.Message
+	dec  []decoded
+}
+
+// Len is the number of messages in the batch.
+func (b Decoded) Len() int { return len(b.msgs) }
+
+// Decode decodes msgs on up to GOMAXPROCS goroutines. It reads no state of
+// the fold but its prefix, so the next batch may be decoded while this one
+// is folded in.
+func (f *Fold) Decode(msgs []projection.Message) Decoded {
+	b := Decoded{msgs: msgs, dec: make([]decoded, len(msgs))}
 	workers := min(runtime.GOMAXPROCS(0), max(1, len(msgs)/256))
 	chunk := (len(msgs) + workers - 1) / workers
 	var wg sync.WaitGroup
@@ -106,32 +140,47 @@ func (f *Fold) AddBatch(msgs []projection.Message) error {
 		hi := min(len(msgs), lo+chunk)
 		wg.Go(func() {
 			for i := lo; i < hi; i++ {
-				m := msgs[i]
-				decoded[i].ev, decoded[i].err = events.Decode(f.prefix, m.Subject, m.Data, m.StoredAt)
+				b.dec[i].decode(f.prefix, msgs[i])
 			}
 		})
 	}
 	wg.Wait()
-	for i, m := range msgs {
+	return b
+}
+
+// AddDecoded folds a decoded batch in, in order. Messages the projector
+// would dead-letter are kept (Bulk.Dead); it fails only with ErrOutOfOrder.
+func (f *Fold) AddDecoded(b Decoded) error {
+	for i, m := range b.msgs {
 		if m.Seq <= f.lastSeq {
 			return fmt.Errorf("%w: %d after %d", ErrOutOfOrder, m.Seq, f.lastSeq)
 		}
-		_, _ = f.add(m, decoded[i].ev, decoded[i].err)
+		_, _ = f.add(m, b.dec[i])
 	}
 	return nil
 }
 
+// decoded is a message decoded, with its event's digest, or refused.
 type decoded struct {
-	ev  events.Event
-	err error
+	ev     events.Event
+	digest [32]byte
+	err    error
 }
 
-// add folds in message m, decoded as ev or refused with err by Decode.
-func (f *Fold) add(m projection.Message, ev events.Event, err error) (bool, error) {
-	f.lastSeq = m.Seq
-	if err != nil {
-		return false, f.refuse(m, err)
+func (d *decoded) decode(prefix string, m projection.Message) {
+	d.ev, d.err = events.Decode(prefix, m.Subject, m.Data, m.StoredAt)
+	if d.err == nil {
+		d.digest = d.ev.Digest()
 	}
+}
+
+// add folds in message m, decoded as dec.
+func (f *Fold) add(m projection.Message, dec decoded) (bool, error) {
+	f.lastSeq = m.Seq
+	if dec.err != nil {
+		return false, f.refuse(m, dec.err)
+	}
+	ev := dec.ev
 	// As the projector does, event by event: a build named under another
 	// project than the one that claimed it is refused; then a repeated id is
 	// a duplicate or a conflict; only an event that counts claims its build.
@@ -140,16 +189,19 @@ func (f *Fold) add(m projection.Message, ev events.Event, err error) (bool, erro
 		return false, f.refuse(m, events.Conflict(events.ReasonBuildProjectClash,
 			"build %q belongs to project %q, not %q", ev.BuildID, b.ProjectID, ev.ProjectID))
 	}
-	d := ev.Digest()
+	d := dec.digest
 	if prev, ok := f.ids[ev.ID]; ok {
-		if prev.digest == d {
+		if prev == d {
 			f.counts.Duplicates++
 			return false, nil
 		}
 		return false, f.refuse(m, events.Conflict(events.ReasonIDConflict,
 			"id %q was applied before with different content", ev.ID))
 	}
-	f.ids[ev.ID] = mark{digest: d, seq: m.Seq}
+	f.ids[ev.ID] = d
+	if f.Applied != nil {
+		f.Applied(projection.Applied{EventID: ev.ID, Digest: d, Seq: m.Seq})
+	}
 	p := f.projects[ev.ProjectID]
 	if p == nil {
 		p = &foldProject{bulk: projection.BulkProject{ID: ev.ProjectID}}
@@ -160,6 +212,8 @@ func (f *Fold) add(m projection.Message, ev events.Event, err error) (bool, erro
 		f.builds[ev.BuildID] = b
 		p.bulk.Builds = append(p.bulk.Builds, b)
 	}
+	ev.Data.Framework, ev.Data.NodeVersion = f.intern(ev.Data.Framework), f.intern(ev.Data.NodeVersion)
+	ev.Data.PackageManager = f.intern(ev.Data.PackageManager)
 	if b.Merge(ev) {
 		b.Seqs[projection.KindSlot(ev.Kind())] = m.Seq
 	}
@@ -211,7 +265,7 @@ func (f *Fold) Projects() []string {
 	return out
 }
 
-// Bulk is the fold's read model as rows for projection.Shadow.Load. The
+// Bulk is the fold's read model as rows for projection.Loader.Finish. The
 // fold must not change while they are read; they may be read by several
 // goroutines at once.
 func (f *Fold) Bulk() projection.Bulk {
@@ -219,13 +273,6 @@ func (f *Fold) Bulk() projection.Bulk {
 		Projects: func(yield func(*projection.BulkProject) bool) {
 			for _, p := range f.projects {
 				if !yield(&p.bulk) {
-					return
-				}
-			}
-		},
-		Applied: func(yield func(projection.Applied) bool) {
-			for id, m := range f.ids {
-				if !yield(projection.Applied{EventID: id, Digest: m.digest, Seq: m.seq}) {
 					return
 				}
 			}

@@ -2,8 +2,11 @@ package replay
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
+	"os"
+	"runtime/pprof"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -96,46 +99,129 @@ func Into(ctx context.Context, log Log, sh *projection.Shadow, from, to uint64, 
 }
 
 // Load replays the messages of the log up to sequence to into the fresh,
-// empty shadow sh as bulk work: it reads the stream in batches of
-// opts.Batch, decodes each batch on every core and folds it in memory with
-// the store's rules (Fold) while the next batch is read, then writes every
-// table of the shadow with COPY (projection.Shadow.Load). No message costs
-// a round trip to Postgres. The fold holds the log's read model and one
-// mark per event id: memory grows with the log (about 400 bytes an event).
+// empty shadow sh as bulk work (projection.Loader): it reads the stream in
+// batches of opts.Batch, decodes each batch on every core and folds it in
+// memory with the store's rules (Fold) while the next batch is read; the
+// applied marks stream into projector_applied meanwhile; then every other
+// table is written with COPY. No message costs a round trip to Postgres.
+// The fold holds the log's read model and one digest per event id: memory
+// grows with the log (about 300 bytes an event).
 func Load(ctx context.Context, log Log, sh *projection.Shadow, to uint64, opts Options, label string) (Stats, error) {
 	opts.defaults()
+	if cp := os.Getenv("XCPU"); cp != "" {
+		cf, _ := os.Create(cp)
+		pprof.StartCPUProfile(cf)
+		defer pprof.StopCPUProfile()
+	}
 	start := time.Now()
 	st := Stats{Through: to}
-	f := NewFold(log.Prefix)
-	p := newProgress(opts.Progress, opts.ProgressEvery, label+": read", int(to))
-	err := log.Read(ctx, Span{To: to, Batch: opts.Batch}, func(msgs []projection.Message) error {
-		if err := f.AddBatch(msgs); err != nil {
-			return err
-		}
-		st.Messages += len(msgs)
-		p.add(len(msgs))
-		return nil
-	})
+	ld, err := sh.BeginLoad(ctx)
 	if err != nil {
+		return st, fmt.Errorf("%s: %w", label, err)
+	}
+	// Three stages run at once: the read's callback decodes a batch (on
+	// every core) while the fold stage folds the previous one in and sends
+	// its applied marks to their COPY. done closes when that COPY returns,
+	// so that a failed COPY never leaves a stage blocked.
+	cctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	marks := make(chan []projection.Applied, 4)
+	done := make(chan struct{})
+	var copyErr error
+	go func() { // owner: Load, which waits on done below
+		defer close(done)
+		copyErr = ld.Applied(cctx, func(yield func(projection.Applied) bool) {
+			for batch := range marks {
+				for _, a := range batch {
+					if !yield(a) {
+						return
+					}
+				}
+			}
+		})
+	}()
+
+	f := NewFold(log.Prefix)
+	var pending []projection.Applied
+	f.Applied = func(a projection.Applied) { pending = append(pending, a) }
+	p := newProgress(opts.Progress, opts.ProgressEvery, label+": read", int(to))
+	decodedc := make(chan Decoded, 1)
+	failed := make(chan struct{}) // closed when the fold stage stops early
+	var foldErr error
+	folded := make(chan struct{})
+	go func() { // owner: Load, which waits on folded below
+		defer close(folded)
+		for b := range decodedc {
+			if foldErr != nil {
+				continue // drain
+			}
+			if foldErr = f.AddDecoded(b); foldErr == nil && len(pending) > 0 {
+				select {
+				case marks <- pending:
+					pending = nil
+				case <-done:
+					foldErr = fmt.Errorf("copy event ids: %w", copyErr)
+				}
+			}
+			if foldErr != nil {
+				close(failed)
+				continue
+			}
+			st.Messages += b.Len()
+			p.add(b.Len())
+		}
+	}()
+	err = log.Read(ctx, Span{To: to, Batch: opts.Batch}, func(msgs []projection.Message) error {
+		b := f.Decode(msgs)
+		select {
+		case decodedc <- b:
+			return nil
+		case <-failed:
+			return errFoldStopped
+		}
+	})
+	close(decodedc)
+	<-folded
+	if errors.Is(err, errFoldStopped) || (err == nil && foldErr != nil) {
+		err = foldErr
+	}
+	if err != nil {
+		cancel()
+		close(marks)
+		<-done
 		st.Elapsed = time.Since(start)
 		return st, fmt.Errorf("%s: %w", label, err)
 	}
 	p.finish()
 	c := f.Counts()
 	st.Result = projection.Result{Applied: c.Applied, Duplicates: c.Duplicates, DeadLettered: c.Refused}
+	// Every mark is sent: their COPY, or the key built after it, goes on
+	// while the other tables are written.
+	close(marks)
 	written := time.Now()
-	rows, err := sh.Load(ctx, f.Bulk())
+	_, err = ld.Finish(ctx, f.Bulk())
+	if err != nil {
+		cancel()
+	}
+	<-done
+	if err == nil {
+		err = copyErr
+	}
 	st.Elapsed = time.Since(start)
 	if err != nil {
 		return st, fmt.Errorf("%s: %w", label, err)
 	}
+	rows := ld.Stats()
 	if opts.Progress != nil {
-		fmt.Fprintf(opts.Progress, "%s: wrote %d projects, %d metrics rows, %d facts, %d event ids, %d dead letters in %s\n",
+		fmt.Fprintf(opts.Progress, "%s: wrote %d projects, %d metrics rows, %d facts, %d event ids, %d dead letters; the rest in %s\n",
 			label, rows["projects"], rows["project_build_metrics"], rows["projector_facts"], rows["projector_applied"],
 			rows["projector_dead_letters"], time.Since(written).Round(100*time.Millisecond))
 	}
 	return st, nil
 }
+
+// errFoldStopped stops a read whose fold stage failed (Load).
+var errFoldStopped = errors.New("fold stopped")
 
 // fill replays (0, to] into the fresh shadow sh: Load, or Into when
 // opts.Incremental.
