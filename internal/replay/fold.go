@@ -9,6 +9,7 @@ package replay
 import (
 	"errors"
 	"fmt"
+	"hash/maphash"
 	"runtime"
 	"slices"
 	"sync"
@@ -40,7 +41,8 @@ var ErrOutOfOrder = errors.New("message out of stream order")
 type Fold struct {
 	prefix   string
 	lastSeq  uint64
-	ids      map[string][32]byte              // event id -> digest of its first valid copy
+	seed     [2]maphash.Seed
+	ids      map[idKey]idDigest               // event id -> digest of its first valid copy, both cut to 128 bits
 	builds   map[string]*projection.BulkBuild // build id -> build, under the project of its first claim
 	projects map[string]*foldProject          // project -> its builds and last position
 	refused  []projection.Refusal             // the messages the projector would dead-letter
@@ -79,7 +81,8 @@ type Counts struct {
 func NewFold(prefix string) *Fold {
 	return &Fold{
 		prefix:   prefix,
-		ids:      map[string][32]byte{},
+		seed:     [2]maphash.Seed{maphash.MakeSeed(), maphash.MakeSeed()},
+		ids:      map[idKey]idDigest{},
 		builds:   map[string]*projection.BulkBuild{},
 		projects: map[string]*foldProject{},
 		interned: map[string]*string{},
@@ -112,7 +115,7 @@ func (f *Fold) Add(seq uint64, subject string, data []byte, storedAt time.Time) 
 	}
 	m := projection.Message{Seq: seq, Subject: subject, Data: data, StoredAt: storedAt}
 	var d decoded
-	d.decode(f.prefix, m)
+	d.decode(f, m)
 	return f.add(m, d)
 }
 
@@ -140,7 +143,7 @@ func (f *Fold) Decode(msgs []projection.Message) Decoded {
 		hi := min(len(msgs), lo+chunk)
 		wg.Go(func() {
 			for i := lo; i < hi; i++ {
-				b.dec[i].decode(f.prefix, msgs[i])
+				b.dec[i].decode(f, msgs[i])
 			}
 		})
 	}
@@ -160,22 +163,40 @@ func (f *Fold) AddDecoded(b Decoded) error {
 	return nil
 }
 
-// decoded is a message decoded, with its event's digest, or refused.
+// idKey and idDigest are what the fold keeps of each event id: a 128-bit
+// hash of the id (two seeded maphashes) and the first 128 bits of the
+// digest of its first copy. Neither holds a pointer, so the garbage
+// collector never scans the map, the biggest thing a fold of a long log
+// holds; a collision of either among a log's ids is as unlikely as one of
+// two random 128-bit numbers (~10^-26 for 10^6 ids). The full digest goes
+// to projector_applied when the id is first seen (Fold.Applied).
+type (
+	idKey    [2]uint64
+	idDigest [16]byte
+)
+
+// decoded is a message decoded, with its event's digest and id key, or
+// refused.
 type decoded struct {
 	ev     events.Event
 	digest [32]byte
+	key    idKey
 	err    error
 }
 
-func (d *decoded) decode(prefix string, m projection.Message) {
-	d.ev, d.err = events.Decode(prefix, m.Subject, m.Data, m.StoredAt)
+func (d *decoded) decode(f *Fold, m projection.Message) {
+	d.ev, d.err = events.Decode(f.prefix, m.Subject, m.Data, m.StoredAt)
 	if d.err == nil {
 		d.digest = d.ev.Digest()
+		d.key = idKey{maphash.String(f.seed[0], d.ev.ID), maphash.String(f.seed[1], d.ev.ID)}
 	}
 }
 
 // add folds in message m, decoded as dec.
 func (f *Fold) add(m projection.Message, dec decoded) (bool, error) {
+	if f.ids == nil {
+		return false, errSealed
+	}
 	f.lastSeq = m.Seq
 	if dec.err != nil {
 		return false, f.refuse(m, dec.err)
@@ -190,15 +211,16 @@ func (f *Fold) add(m projection.Message, dec decoded) (bool, error) {
 			"build %q belongs to project %q, not %q", ev.BuildID, b.ProjectID, ev.ProjectID))
 	}
 	d := dec.digest
-	if prev, ok := f.ids[ev.ID]; ok {
-		if prev == d {
+	key := dec.key
+	if prev, ok := f.ids[key]; ok {
+		if prev == idDigest(d[:16]) {
 			f.counts.Duplicates++
 			return false, nil
 		}
 		return false, f.refuse(m, events.Conflict(events.ReasonIDConflict,
 			"id %q was applied before with different content", ev.ID))
 	}
-	f.ids[ev.ID] = d
+	f.ids[key] = idDigest(d[:16])
 	if f.Applied != nil {
 		f.Applied(projection.Applied{EventID: ev.ID, Digest: d, Seq: m.Seq})
 	}
@@ -264,6 +286,13 @@ func (f *Fold) Projects() []string {
 	}
 	return out
 }
+
+var errSealed = errors.New("fold is sealed")
+
+// Seal ends the fold: it drops what only further messages would need (the
+// ids seen, the biggest part of a long log's fold) before its model is
+// written. Add after Seal fails.
+func (f *Fold) Seal() { f.ids = nil }
 
 // Bulk is the fold's read model as rows for projection.Loader.Finish. The
 // fold must not change while they are read; they may be read by several

@@ -198,6 +198,7 @@ func Load(ctx context.Context, log Log, sh *projection.Shadow, to uint64, opts O
 	// Every mark is sent: their COPY, or the key built after it, goes on
 	// while the other tables are written.
 	close(marks)
+	f.Seal()
 	written := time.Now()
 	_, err = ld.Finish(ctx, f.Bulk())
 	if err != nil {
