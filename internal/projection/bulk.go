@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"iter"
 	"maps"
+	"os"
 	"strings"
 	"sync"
 	"time"
@@ -111,24 +112,25 @@ func (s *Shadow) BeginLoad(ctx context.Context) (*Loader, error) {
 	return &Loader{s: s, keys: keys, now: time.Now(), stats: LoadStats{}}, nil
 }
 
-// Applied copies rows into projector_applied and then builds that table's
-// key. It may run while Finish runs.
-func (l *Loader) Applied(ctx context.Context, rows iter.Seq[Applied]) error {
+// Applied copies batches of rows into projector_applied and then builds
+// that table's key. It may run while Finish runs. A batch is encoded before
+// the next is asked for, so the producer may reuse it then.
+func (l *Loader) Applied(ctx context.Context, rows iter.Seq[[]Applied]) error {
 	if err := l.copy(ctx, "projector_applied", appliedColumns, appliedRows(rows)); err != nil {
 		return fmt.Errorf("load shadow %s: %w", l.s.name, err)
 	}
-	if err := l.s.restoreKeys(ctx, l.keys, func(k key) bool { return k.table == "projector_applied" }); err != nil {
+	if err := l.s.restoreKeys(ctx, l.keys, func(k key) bool { return k.table == "projector_applied" && !k.fk }); err != nil {
 		return fmt.Errorf("load shadow %s: %w", l.s.name, err)
 	}
 	return nil
 }
 
 // Finish writes every table but projector_applied from b, on two
-// connections at once: projector_dead_letters, projector_builds and
-// projector_roles on one; project_build_metrics, then projects (whose
-// current build must have its metrics row), then projector_facts on the
-// other. Then it rebuilds their keys and indexes, foreign keys last. It
-// returns the rows written to each table so far.
+// connections at once (projector_facts, projector_roles and
+// projector_dead_letters on one; project_build_metrics, projects and
+// projector_builds on the other: about even), each table's keys and
+// indexes built as soon as its rows are in, and the foreign keys checked
+// last. It returns the rows written to each table so far.
 func (l *Loader) Finish(ctx context.Context, b Bulk) (LoadStats, error) {
 	builds := func(yield func(*BulkBuild) bool) {
 		for p := range b.Projects {
@@ -139,30 +141,43 @@ func (l *Loader) Finish(ctx context.Context, b Bulk) (LoadStats, error) {
 			}
 		}
 	}
+	var rows []*fsm.Row // the projects rows, derived with the metrics rows
+	lanes := [][]struct {
+		table   string
+		columns []string
+		rows    func() iter.Seq[[]any]
+	}{{
+		{"projector_facts", factsColumns, func() iter.Seq[[]any] { return factRows(builds) }},
+		{"projector_roles", rolesColumns, func() iter.Seq[[]any] { return roleRows(b.Projects) }},
+		{"projector_dead_letters", deadColumns, func() iter.Seq[[]any] { return deadRows(b.Dead, l.now) }},
+	}, {
+		{"project_build_metrics", loadMetricsColumns, func() iter.Seq[[]any] { return metricsRows(b.Projects, &rows) }},
+		{"projects", projectsColumns, func() iter.Seq[[]any] { return projectRows(rows, l.now) }},
+		{"projector_builds", []string{"build_id", "project_id"}, func() iter.Seq[[]any] { return buildRows(builds) }},
+	}}
 	g, gctx := errgroup.WithContext(ctx)
-	g.Go(func() error {
-		if err := l.copy(gctx, "projector_dead_letters", deadColumns, deadRows(b.Dead, l.now)); err != nil {
-			return err
-		}
-		if err := l.copy(gctx, "projector_builds", []string{"build_id", "project_id"}, buildRows(builds)); err != nil {
-			return err
-		}
-		return l.copy(gctx, "projector_roles", rolesColumns, roleRows(b.Projects))
-	})
-	g.Go(func() error {
-		var rows []*fsm.Row // written once every metrics row is in
-		if err := l.copy(gctx, "project_build_metrics", loadMetricsColumns, metricsRows(b.Projects, &rows)); err != nil {
-			return err
-		}
-		if err := l.copy(gctx, "projects", projectsColumns, projectRows(rows, l.now)); err != nil {
-			return err
-		}
-		return l.copy(gctx, "projector_facts", factsColumns, factRows(builds))
-	})
-	err := g.Wait()
-	if err == nil {
-		err = l.s.restoreKeys(ctx, l.keys, func(k key) bool { return k.table != "projector_applied" })
+	for _, lane := range lanes {
+		g.Go(func() error {
+			for _, t := range lane {
+				t0 := time.Now()
+				if err := l.copy(gctx, t.table, t.columns, t.rows()); err != nil {
+					return err
+				}
+				t1 := time.Now()
+				if err := l.s.restoreKeys(gctx, l.keys, func(k key) bool { return k.table == t.table && !k.fk }); err != nil {
+					return err
+				}
+				fmt.Fprintln(os.Stderr, "XDEBUG", t.table, t1.Sub(t0), time.Since(t1))
+			}
+			return nil
+		})
 	}
+	err := g.Wait()
+	t2 := time.Now()
+	if err == nil {
+		err = l.s.restoreKeys(ctx, l.keys, func(k key) bool { return k.table != "projector_applied" && k.fk })
+	}
+	fmt.Fprintln(os.Stderr, "XDEBUG fk", time.Since(t2))
 	if err != nil {
 		return l.Stats(), fmt.Errorf("load shadow %s: %w", l.s.name, err)
 	}
@@ -206,13 +221,16 @@ func (s *Shadow) copy(ctx context.Context, table string, columns []string, rows 
 
 var appliedColumns = []string{"event_id", "digest", "stream_seq"}
 
-func appliedRows(applied iter.Seq[Applied]) iter.Seq[[]any] {
+func appliedRows(batches iter.Seq[[]Applied]) iter.Seq[[]any] {
 	return func(yield func([]any) bool) {
 		row := make([]any, 3)
-		for a := range applied {
-			row[0], row[1], row[2] = a.EventID, a.Digest[:], int64(a.Seq)
-			if !yield(row) {
-				return
+		for batch := range batches {
+			for i := range batch {
+				a := &batch[i]
+				row[0], row[1], row[2] = &a.EventID, a.Digest[:], &a.Seq
+				if !yield(row) {
+					return
+				}
 			}
 		}
 	}
@@ -430,8 +448,8 @@ func (s *Shadow) dropKeys(ctx context.Context) ([]key, error) {
 	return keys, nil
 }
 
-// restoreKeys makes the keys that match, two at a time, then their foreign
-// keys.
+// restoreKeys makes the keys that match, two at a time, then the foreign
+// keys among them.
 func (s *Shadow) restoreKeys(ctx context.Context, keys []key, match func(key) bool) error {
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(2)

@@ -99,13 +99,14 @@ func BenchmarkRebuild(b *testing.B) {
 		elapsed = time.Since(start)
 		rss = hwm()
 		out := outb.Bytes()
+		os.WriteFile("/tmp/exp/stderr.log", stderr.Bytes(), 0o644)
 		if err != nil {
 			b.Fatalf("projector rebuild --batch %d: %v\n%s\n%s", batch, err, out, stderr.String())
 		}
 		ru := cmd.ProcessState.SysUsage().(*syscall.Rusage)
 		cpu := time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 		b.Logf("rebuild --batch %d %s: %s (projector CPU %s)\n%s", batch, strings.Join(extra, " "), strings.TrimSpace(string(out)),
-			cpu.Round(time.Millisecond), lastLines(stderr.String(), 6))
+			cpu.Round(time.Millisecond), lastLines(stderr.String(), 14))
 		var rows int
 		if err := conn.QueryRow(ctx, `SELECT count(*) FROM projector_applied`).Scan(&rows); err != nil {
 			b.Fatal(err)

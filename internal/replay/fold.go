@@ -119,8 +119,10 @@ func (f *Fold) Add(seq uint64, subject string, data []byte, storedAt time.Time) 
 	return f.add(m, d)
 }
 
-// AddBatch folds msgs in, in order: AddDecoded(Decode(msgs)).
-func (f *Fold) AddBatch(msgs []projection.Message) error { return f.AddDecoded(f.Decode(msgs)) }
+// AddBatch folds msgs in, in order: AddDecoded(Decode(msgs, Decoded{})).
+func (f *Fold) AddBatch(msgs []projection.Message) error {
+	return f.AddDecoded(f.Decode(msgs, Decoded{}))
+}
 
 // Decoded is a batch of messages decoded by Fold.Decode.
 type Decoded struct {
@@ -131,11 +133,16 @@ type Decoded struct {
 // Len is the number of messages in the batch.
 func (b Decoded) Len() int { return len(b.msgs) }
 
-// Decode decodes msgs on up to GOMAXPROCS goroutines. It reads no state of
-// the fold but its prefix, so the next batch may be decoded while this one
-// is folded in.
-func (f *Fold) Decode(msgs []projection.Message) Decoded {
-	b := Decoded{msgs: msgs, dec: make([]decoded, len(msgs))}
+// Decode decodes msgs on up to GOMAXPROCS goroutines, into reuse's memory
+// when it has room (a batch already folded in; zero for none). It reads no
+// state of the fold that folding changes, so the next batch may be decoded
+// while this one is folded in.
+func (f *Fold) Decode(msgs []projection.Message, reuse Decoded) Decoded {
+	b := Decoded{msgs: msgs, dec: reuse.dec[:0]}
+	if cap(b.dec) < len(msgs) {
+		b.dec = make([]decoded, len(msgs))
+	}
+	b.dec = b.dec[:len(msgs)]
 	workers := min(runtime.GOMAXPROCS(0), max(1, len(msgs)/256))
 	chunk := (len(msgs) + workers - 1) / workers
 	var wg sync.WaitGroup

@@ -126,16 +126,19 @@ func Load(ctx context.Context, log Log, sh *projection.Shadow, to uint64, opts O
 	cctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	marks := make(chan []projection.Applied, 4)
+	spare := make(chan []projection.Applied, 8) // batches of marks copied, for reuse
 	done := make(chan struct{})
 	var copyErr error
 	go func() { // owner: Load, which waits on done below
 		defer close(done)
-		copyErr = ld.Applied(cctx, func(yield func(projection.Applied) bool) {
+		copyErr = ld.Applied(cctx, func(yield func([]projection.Applied) bool) {
 			for batch := range marks {
-				for _, a := range batch {
-					if !yield(a) {
-						return
-					}
+				if !yield(batch) {
+					return
+				}
+				select {
+				case spare <- batch[:0]:
+				default:
 				}
 			}
 		})
@@ -146,19 +149,24 @@ func Load(ctx context.Context, log Log, sh *projection.Shadow, to uint64, opts O
 	f.Applied = func(a projection.Applied) { pending = append(pending, a) }
 	p := newProgress(opts.Progress, opts.ProgressEvery, label+": read", int(to))
 	decodedc := make(chan Decoded, 1)
-	failed := make(chan struct{}) // closed when the fold stage stops early
+	folded := make(chan Decoded, 2) // batches folded in, for reuse
+	failed := make(chan struct{})   // closed when the fold stage stops early
 	var foldErr error
-	folded := make(chan struct{})
-	go func() { // owner: Load, which waits on folded below
-		defer close(folded)
+	foldDone := make(chan struct{})
+	go func() { // owner: Load, which waits on foldDone below
+		defer close(foldDone)
 		for b := range decodedc {
 			if foldErr != nil {
 				continue // drain
 			}
+			select {
+			case pending = <-spare:
+			default:
+				pending = make([]projection.Applied, 0, b.Len())
+			}
 			if foldErr = f.AddDecoded(b); foldErr == nil && len(pending) > 0 {
 				select {
 				case marks <- pending:
-					pending = nil
 				case <-done:
 					foldErr = fmt.Errorf("copy event ids: %w", copyErr)
 				}
@@ -169,19 +177,27 @@ func Load(ctx context.Context, log Log, sh *projection.Shadow, to uint64, opts O
 			}
 			st.Messages += b.Len()
 			p.add(b.Len())
+			select {
+			case folded <- b:
+			default:
+			}
 		}
 	}()
 	err = log.Read(ctx, Span{To: to, Batch: opts.Batch}, func(msgs []projection.Message) error {
-		b := f.Decode(msgs)
+		var reuse Decoded
 		select {
-		case decodedc <- b:
+		case reuse = <-folded:
+		default:
+		}
+		select {
+		case decodedc <- f.Decode(msgs, reuse):
 			return nil
 		case <-failed:
 			return errFoldStopped
 		}
 	})
 	close(decodedc)
-	<-folded
+	<-foldDone
 	if errors.Is(err, errFoldStopped) || (err == nil && foldErr != nil) {
 		err = foldErr
 	}
@@ -213,6 +229,11 @@ func Load(ctx context.Context, log Log, sh *projection.Shadow, to uint64, opts O
 		return st, fmt.Errorf("%s: %w", label, err)
 	}
 	rows := ld.Stats()
+	if hp := os.Getenv("XHEAP"); hp != "" {
+		hf, _ := os.Create(hp)
+		pprof.WriteHeapProfile(hf)
+		hf.Close()
+	}
 	if opts.Progress != nil {
 		fmt.Fprintf(opts.Progress, "%s: wrote %d projects, %d metrics rows, %d facts, %d event ids, %d dead letters; the rest in %s\n",
 			label, rows["projects"], rows["project_build_metrics"], rows["projector_facts"], rows["projector_applied"],
