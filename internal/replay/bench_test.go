@@ -87,7 +87,7 @@ func BenchmarkRebuild(b *testing.B) {
 		b.Helper()
 		var stderr bytes.Buffer
 		cmd := exec.Command(bin, append([]string{"rebuild", "--batch", strconv.Itoa(batch), "--log-level", "warn"}, extra...)...)
-		cmd.Env, cmd.Stderr = append(env, "XHEAP=/tmp/exp/heap.out", "XCPU=/tmp/exp/rcpu.out"), &stderr
+		cmd.Env, cmd.Stderr = append(env, "XHEAP=/tmp/exp/heap.out", "GODEBUG=gctrace=1"), &stderr
 		start := time.Now()
 		var outb bytes.Buffer
 		cmd.Stdout = &outb

@@ -144,6 +144,7 @@ func Load(ctx context.Context, log Log, sh *projection.Shadow, to uint64, opts O
 		})
 	}()
 
+	var xFold, xDecode, xSend time.Duration
 	f := NewFold(log.Prefix)
 	var pending []projection.Applied
 	f.Applied = func(a projection.Applied) { pending = append(pending, a) }
@@ -164,7 +165,10 @@ func Load(ctx context.Context, log Log, sh *projection.Shadow, to uint64, opts O
 			default:
 				pending = make([]projection.Applied, 0, b.Len())
 			}
-			if foldErr = f.AddDecoded(b); foldErr == nil && len(pending) > 0 {
+			tf := time.Now()
+			foldErr = f.AddDecoded(b)
+			xFold += time.Since(tf)
+			if foldErr == nil && len(pending) > 0 {
 				select {
 				case marks <- pending:
 				case <-done:
@@ -189,8 +193,13 @@ func Load(ctx context.Context, log Log, sh *projection.Shadow, to uint64, opts O
 		case reuse = <-folded:
 		default:
 		}
+		td := time.Now()
+		d := f.Decode(msgs, reuse)
+		xDecode += time.Since(td)
+		td = time.Now()
+		defer func() { xSend += time.Since(td) }()
 		select {
-		case decodedc <- f.Decode(msgs, reuse):
+		case decodedc <- d:
 			return nil
 		case <-failed:
 			return errFoldStopped
@@ -198,6 +207,7 @@ func Load(ctx context.Context, log Log, sh *projection.Shadow, to uint64, opts O
 	})
 	close(decodedc)
 	<-foldDone
+	fmt.Fprintln(os.Stderr, "XDEBUG fold", xFold, "decode", xDecode, "send-wait", xSend)
 	if errors.Is(err, errFoldStopped) || (err == nil && foldErr != nil) {
 		err = foldErr
 	}
