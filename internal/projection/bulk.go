@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"iter"
 	"maps"
-	"os"
 	"strings"
 	"sync"
 	"time"
@@ -159,25 +158,20 @@ func (l *Loader) Finish(ctx context.Context, b Bulk) (LoadStats, error) {
 	for _, lane := range lanes {
 		g.Go(func() error {
 			for _, t := range lane {
-				t0 := time.Now()
 				if err := l.copy(gctx, t.table, t.columns, t.rows()); err != nil {
 					return err
 				}
-				t1 := time.Now()
 				if err := l.s.restoreKeys(gctx, l.keys, func(k key) bool { return k.table == t.table && !k.fk }); err != nil {
 					return err
 				}
-				fmt.Fprintln(os.Stderr, "XDEBUG", t.table, t1.Sub(t0), time.Since(t1))
 			}
 			return nil
 		})
 	}
 	err := g.Wait()
-	t2 := time.Now()
 	if err == nil {
 		err = l.s.restoreKeys(ctx, l.keys, func(k key) bool { return k.table != "projector_applied" && k.fk })
 	}
-	fmt.Fprintln(os.Stderr, "XDEBUG fk", time.Since(t2))
 	if err != nil {
 		return l.Stats(), fmt.Errorf("load shadow %s: %w", l.s.name, err)
 	}

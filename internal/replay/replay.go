@@ -5,8 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
-	"runtime/pprof"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -108,11 +106,6 @@ func Into(ctx context.Context, log Log, sh *projection.Shadow, from, to uint64, 
 // grows with the log (about 300 bytes an event).
 func Load(ctx context.Context, log Log, sh *projection.Shadow, to uint64, opts Options, label string) (Stats, error) {
 	opts.defaults()
-	if cp := os.Getenv("XCPU"); cp != "" {
-		cf, _ := os.Create(cp)
-		pprof.StartCPUProfile(cf)
-		defer pprof.StopCPUProfile()
-	}
 	start := time.Now()
 	st := Stats{Through: to}
 	ld, err := sh.BeginLoad(ctx)
@@ -144,7 +137,6 @@ func Load(ctx context.Context, log Log, sh *projection.Shadow, to uint64, opts O
 		})
 	}()
 
-	var xFold, xDecode, xSend time.Duration
 	f := NewFold(log.Prefix)
 	var pending []projection.Applied
 	f.Applied = func(a projection.Applied) { pending = append(pending, a) }
@@ -165,10 +157,7 @@ func Load(ctx context.Context, log Log, sh *projection.Shadow, to uint64, opts O
 			default:
 				pending = make([]projection.Applied, 0, b.Len())
 			}
-			tf := time.Now()
-			foldErr = f.AddDecoded(b)
-			xFold += time.Since(tf)
-			if foldErr == nil && len(pending) > 0 {
+			if foldErr = f.AddDecoded(b); foldErr == nil && len(pending) > 0 {
 				select {
 				case marks <- pending:
 				case <-done:
@@ -193,13 +182,8 @@ func Load(ctx context.Context, log Log, sh *projection.Shadow, to uint64, opts O
 		case reuse = <-folded:
 		default:
 		}
-		td := time.Now()
-		d := f.Decode(msgs, reuse)
-		xDecode += time.Since(td)
-		td = time.Now()
-		defer func() { xSend += time.Since(td) }()
 		select {
-		case decodedc <- d:
+		case decodedc <- f.Decode(msgs, reuse):
 			return nil
 		case <-failed:
 			return errFoldStopped
@@ -207,7 +191,6 @@ func Load(ctx context.Context, log Log, sh *projection.Shadow, to uint64, opts O
 	})
 	close(decodedc)
 	<-foldDone
-	fmt.Fprintln(os.Stderr, "XDEBUG fold", xFold, "decode", xDecode, "send-wait", xSend)
 	if errors.Is(err, errFoldStopped) || (err == nil && foldErr != nil) {
 		err = foldErr
 	}
@@ -239,11 +222,6 @@ func Load(ctx context.Context, log Log, sh *projection.Shadow, to uint64, opts O
 		return st, fmt.Errorf("%s: %w", label, err)
 	}
 	rows := ld.Stats()
-	if hp := os.Getenv("XHEAP"); hp != "" {
-		hf, _ := os.Create(hp)
-		pprof.WriteHeapProfile(hf)
-		hf.Close()
-	}
 	if opts.Progress != nil {
 		fmt.Fprintf(opts.Progress, "%s: wrote %d projects, %d metrics rows, %d facts, %d event ids, %d dead letters; the rest in %s\n",
 			label, rows["projects"], rows["project_build_metrics"], rows["projector_facts"], rows["projector_applied"],
