@@ -107,7 +107,7 @@ commands:
                                         re-apply kept messages (after a fix)
   status PROJECT_ID [--json] [--at T | --seq N]
                                         a project's row and recent builds
-  rebuild [--dry-run] [--batch N] [--allow-truncated]
+  rebuild [--dry-run] [--batch N] [--allow-truncated] [--incremental]
                                         replay the stream into shadow tables and swap them in
   verify [--no-rebuild] [--wait D] [--max-diff N] [--allow-truncated] [--incremental]
                                         check constraints and that a rebuild equals the live model

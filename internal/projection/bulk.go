@@ -90,16 +90,19 @@ type LoadStats map[string]int
 // are "now"). BeginLoad drops the shadow's keys and indexes; Applied
 // streams projector_applied in (while the log is still being read, since an
 // applied mark never changes once made) and rebuilds its key; Finish writes
-// the other tables and rebuilds their keys and indexes, checking every row
-// against them. Each COPY commits on its own: a shadow is not live until
-// Swap, and a failed load leaves a shadow that the next OpenShadow drops.
+// the other tables and rebuilds theirs; Complete builds what is left, the
+// foreign keys last, checking every row against them, and checks that every
+// key and index is back. Each COPY commits on its own: a shadow is not live
+// until Swap, and a failed load leaves a shadow that the next OpenShadow
+// drops.
 type Loader struct {
 	s    *Shadow
 	keys []key
 	now  time.Time
 
-	mu    sync.Mutex
-	stats LoadStats
+	mu       sync.Mutex
+	stats    LoadStats
+	restored map[string]bool // create statements already run
 }
 
 // BeginLoad starts a bulk load of the shadow.
@@ -108,7 +111,7 @@ func (s *Shadow) BeginLoad(ctx context.Context) (*Loader, error) {
 	if err != nil {
 		return nil, fmt.Errorf("load shadow %s: %w", s.name, err)
 	}
-	return &Loader{s: s, keys: keys, now: time.Now(), stats: LoadStats{}}, nil
+	return &Loader{s: s, keys: keys, now: time.Now(), stats: LoadStats{}, restored: map[string]bool{}}, nil
 }
 
 // Applied copies batches of rows into projector_applied and then builds
@@ -118,7 +121,7 @@ func (l *Loader) Applied(ctx context.Context, rows iter.Seq[[]Applied]) error {
 	if err := l.copy(ctx, "projector_applied", appliedColumns, appliedRows(rows)); err != nil {
 		return fmt.Errorf("load shadow %s: %w", l.s.name, err)
 	}
-	if err := l.s.restoreKeys(ctx, l.keys, func(k key) bool { return k.table == "projector_applied" && !k.fk }); err != nil {
+	if err := l.restore(ctx, func(k key) bool { return k.table == "projector_applied" && !k.fk }); err != nil {
 		return fmt.Errorf("load shadow %s: %w", l.s.name, err)
 	}
 	return nil
@@ -128,8 +131,8 @@ func (l *Loader) Applied(ctx context.Context, rows iter.Seq[[]Applied]) error {
 // connections at once (projector_facts, projector_roles and
 // projector_dead_letters on one; project_build_metrics, projects and
 // projector_builds on the other: about even), each table's keys and
-// indexes built as soon as its rows are in, and the foreign keys checked
-// last. It returns the rows written to each table so far.
+// indexes built as soon as its rows are in. It returns the rows written to
+// each table so far. Complete ends the load.
 func (l *Loader) Finish(ctx context.Context, b Bulk) (LoadStats, error) {
 	builds := func(yield func(*BulkBuild) bool) {
 		for p := range b.Projects {
@@ -161,21 +164,66 @@ func (l *Loader) Finish(ctx context.Context, b Bulk) (LoadStats, error) {
 				if err := l.copy(gctx, t.table, t.columns, t.rows()); err != nil {
 					return err
 				}
-				if err := l.s.restoreKeys(gctx, l.keys, func(k key) bool { return k.table == t.table && !k.fk }); err != nil {
+				if err := l.restore(gctx, func(k key) bool { return k.table == t.table && !k.fk }); err != nil {
 					return err
 				}
 			}
 			return nil
 		})
 	}
-	err := g.Wait()
-	if err == nil {
-		err = l.s.restoreKeys(ctx, l.keys, func(k key) bool { return k.table != "projector_applied" && k.fk })
-	}
-	if err != nil {
+	if err := g.Wait(); err != nil {
 		return l.Stats(), fmt.Errorf("load shadow %s: %w", l.s.name, err)
 	}
 	return l.Stats(), nil
+}
+
+// Complete ends a load once Applied and Finish have returned: it builds the
+// keys not built yet (those of tables neither wrote) and then the foreign
+// keys, checking every row against them, and checks that the shadow has
+// every key and index BeginLoad dropped, as it was.
+func (l *Loader) Complete(ctx context.Context) error {
+	if err := l.restore(ctx, func(k key) bool { return !k.fk }); err != nil {
+		return fmt.Errorf("load shadow %s: %w", l.s.name, err)
+	}
+	if err := l.restore(ctx, func(k key) bool { return k.fk }); err != nil {
+		return fmt.Errorf("load shadow %s: %w", l.s.name, err)
+	}
+	rows, err := l.s.pool.Query(ctx, keysSQL, l.s.name)
+	if err != nil {
+		return fmt.Errorf("load shadow %s: list keys: %w", l.s.name, err)
+	}
+	var k key
+	var drop string
+	now := map[string]bool{}
+	if _, err := pgx.ForEachRow(rows, []any{&k.table, &k.create, &drop, &k.fk}, func() error {
+		now[k.create] = true
+		return nil
+	}); err != nil {
+		return fmt.Errorf("load shadow %s: list keys: %w", l.s.name, err)
+	}
+	for _, k := range l.keys {
+		if !now[k.create] {
+			return fmt.Errorf("load shadow %s: key not restored: %s", l.s.name, k.create)
+		}
+	}
+	if len(now) != len(l.keys) {
+		return fmt.Errorf("load shadow %s: %d keys and indexes after the load, %d before", l.s.name, len(now), len(l.keys))
+	}
+	return nil
+}
+
+// restore builds the dropped keys that match and were not built yet.
+func (l *Loader) restore(ctx context.Context, match func(key) bool) error {
+	l.mu.Lock()
+	var todo []key
+	for _, k := range l.keys {
+		if match(k) && !l.restored[k.create] {
+			l.restored[k.create] = true
+			todo = append(todo, k)
+		}
+	}
+	l.mu.Unlock()
+	return l.s.restoreKeys(ctx, todo)
 }
 
 // Stats counts the rows written so far, by table.
@@ -442,16 +490,12 @@ func (s *Shadow) dropKeys(ctx context.Context) ([]key, error) {
 	return keys, nil
 }
 
-// restoreKeys makes the keys that match, two at a time, then the foreign
-// keys among them.
-func (s *Shadow) restoreKeys(ctx context.Context, keys []key, match func(key) bool) error {
+// restoreKeys makes keys, two at a time, then the foreign keys among them.
+func (s *Shadow) restoreKeys(ctx context.Context, keys []key) error {
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(2)
 	var fks []key
 	for _, k := range keys {
-		if !match(k) {
-			continue
-		}
 		if k.fk {
 			fks = append(fks, k)
 			continue

@@ -159,13 +159,16 @@ func (f *Fold) Decode(msgs []projection.Message, reuse Decoded) Decoded {
 }
 
 // AddDecoded folds a decoded batch in, in order. Messages the projector
-// would dead-letter are kept (Bulk.Dead); it fails only with ErrOutOfOrder.
+// would dead-letter are kept (Bulk.Dead); it fails only with ErrOutOfOrder,
+// or after Seal.
 func (f *Fold) AddDecoded(b Decoded) error {
 	for i, m := range b.msgs {
 		if m.Seq <= f.lastSeq {
 			return fmt.Errorf("%w: %d after %d", ErrOutOfOrder, m.Seq, f.lastSeq)
 		}
-		_, _ = f.add(m, b.dec[i])
+		if _, err := f.add(m, b.dec[i]); errors.Is(err, errSealed) {
+			return err
+		}
 	}
 	return nil
 }

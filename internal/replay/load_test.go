@@ -3,6 +3,7 @@ package replay_test
 import (
 	"context"
 	"fmt"
+	"slices"
 	"strings"
 	"testing"
 
@@ -49,6 +50,11 @@ func TestLoadWritesWhatApplyWrites(t *testing.T) {
 		t.Errorf("the history should have dead letters and duplicates; got %+v", bst.Result)
 	}
 	sameTables(t, pool, "incremental", "bulk")
+	if a, b := keysOf(t, pool, "incremental"), keysOf(t, pool, "bulk"); !slices.Equal(a, b) {
+		t.Errorf("keys and indexes after the bulk load:\n%s\nafter the incremental replay:\n%s", strings.Join(b, "\n"), strings.Join(a, "\n"))
+	} else if len(a) < 10 {
+		t.Errorf("only %d keys and indexes: %v", len(a), a)
+	}
 
 	// The comparison sees a difference in any table.
 	if _, err := pool.Exec(ctx, `UPDATE bulk.projector_facts SET stream_seq = stream_seq + 1
@@ -58,6 +64,29 @@ func TestLoadWritesWhatApplyWrites(t *testing.T) {
 	if diffs := tableDiffs(t, pool, "incremental", "bulk"); diffs["projector_facts"] != 2 || len(diffs) != 1 {
 		t.Errorf("after changing one fact, differences = %v; want projector_facts: 2", diffs)
 	}
+}
+
+// keysOf lists schema's constraints and indexes, with the schema's name
+// taken out of their definitions.
+func keysOf(t *testing.T, pool *pgxpool.Pool, schema string) []string {
+	t.Helper()
+	rows, err := pool.Query(context.Background(), `
+		SELECT format('%s %s %s', cl.relname, con.conname, replace(pg_get_constraintdef(con.oid), $1 || '.', ''))
+		FROM pg_constraint con JOIN pg_class cl ON cl.oid = con.conrelid JOIN pg_namespace n ON n.oid = cl.relnamespace
+		WHERE n.nspname = $1
+		UNION ALL
+		SELECT replace(pg_get_indexdef(i.indexrelid), $1 || '.', '')
+		FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid JOIN pg_namespace n ON n.oid = ic.relnamespace
+		WHERE n.nspname = $1
+		ORDER BY 1`, schema)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
 }
 
 // ignored are the columns that hold the time of writing, not the log's content.

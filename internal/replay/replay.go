@@ -209,13 +209,23 @@ func Load(ctx context.Context, log Log, sh *projection.Shadow, to uint64, opts O
 	close(marks)
 	f.Seal()
 	written := time.Now()
-	_, err = ld.Finish(ctx, f.Bulk())
+	select {
+	case <-done: // the marks' COPY is over already: if it failed, stop here
+		err = copyErr
+	default:
+	}
+	if err == nil {
+		_, err = ld.Finish(ctx, f.Bulk())
+	}
 	if err != nil {
 		cancel()
 	}
 	<-done
 	if err == nil {
 		err = copyErr
+	}
+	if err == nil {
+		err = ld.Complete(ctx)
 	}
 	st.Elapsed = time.Since(start)
 	if err != nil {
