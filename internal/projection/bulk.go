@@ -124,6 +124,9 @@ func (l *Loader) Applied(ctx context.Context, rows iter.Seq[[]Applied]) error {
 	if err := l.restore(ctx, func(k key) bool { return k.table == "projector_applied" && !k.fk }); err != nil {
 		return fmt.Errorf("load shadow %s: %w", l.s.name, err)
 	}
+	if err := l.s.analyze(ctx, "projector_applied"); err != nil {
+		return fmt.Errorf("load shadow %s: %w", l.s.name, err)
+	}
 	return nil
 }
 
@@ -131,8 +134,9 @@ func (l *Loader) Applied(ctx context.Context, rows iter.Seq[[]Applied]) error {
 // connections at once (projector_facts, projector_roles and
 // projector_dead_letters on one; project_build_metrics, projects and
 // projector_builds on the other: about even), each table's keys and
-// indexes built as soon as its rows are in. It returns the rows written to
-// each table so far. Complete ends the load.
+// indexes built and its planner statistics taken as soon as its rows are
+// in. It returns the rows written to each table so far. Complete ends the
+// load.
 func (l *Loader) Finish(ctx context.Context, b Bulk) (LoadStats, error) {
 	builds := func(yield func(*BulkBuild) bool) {
 		for p := range b.Projects {
@@ -165,6 +169,9 @@ func (l *Loader) Finish(ctx context.Context, b Bulk) (LoadStats, error) {
 					return err
 				}
 				if err := l.restore(gctx, func(k key) bool { return k.table == t.table && !k.fk }); err != nil {
+					return err
+				}
+				if err := l.s.analyze(gctx, t.table); err != nil {
 					return err
 				}
 			}
@@ -488,6 +495,14 @@ func (s *Shadow) dropKeys(ctx context.Context) ([]key, error) {
 		}
 	}
 	return keys, nil
+}
+
+// analyze takes the planner's statistics of a shadow table.
+func (s *Shadow) analyze(ctx context.Context, table string) error {
+	if _, err := s.pool.Exec(ctx, `ANALYZE `+pgx.Identifier{table}.Sanitize()); err != nil {
+		return fmt.Errorf("analyze %s: %w", table, err)
+	}
+	return nil
 }
 
 // restoreKeys makes keys, two at a time, then the foreign keys among them.

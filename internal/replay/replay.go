@@ -308,9 +308,12 @@ func Rebuild(ctx context.Context, live *pgxpool.Pool, log Log, opts RebuildOptio
 	if err != nil {
 		return res, fmt.Errorf("rebuild: %w", err)
 	}
-	// Fresh statistics for the shadow, and so for the live tables after the swap.
-	if err := sh.Analyze(ctx); err != nil {
-		return res, fmt.Errorf("rebuild: %w", err)
+	// Fresh statistics for the shadow, and so for the live tables after the
+	// swap (a bulk load takes each table's as it finishes it).
+	if opts.Incremental {
+		if err := sh.Analyze(ctx); err != nil {
+			return res, fmt.Errorf("rebuild: %w", err)
+		}
 	}
 	if opts.DryRun {
 		res.Elapsed = time.Since(start)
