@@ -28,31 +28,22 @@ func runRebuild(ctx context.Context, args []string, getenv func(string) string, 
 	fs, c := newFlags("rebuild", getenv, stderr)
 	dryRun := fs.Bool("dry-run", false, "build the shadow schema and leave it for inspection; do not swap")
 	opts := replayFlags(fs, "replay a stream whose early messages were dropped (the result misses them)")
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	defer opts.collector(getenv)()
-	log, err := c.logger(stderr)
-	if err != nil {
-		return err
-	}
-	defer log.Sync() //nolint:errcheck
-	pool, lg, closeAll, err := openReplay(ctx, c, log)
+	r, closeAll, err := startReplay(ctx, fs, c, opts, args, getenv, stderr)
 	if err != nil {
 		return err
 	}
 	defer closeAll()
-	res, err := replay.Rebuild(ctx, pool, lg, replay.RebuildOptions{
-		Options: opts.options(stderr, log),
-		Store:   projection.Options{Prefix: c.cfg.Prefix, Logger: log},
+	res, err := replay.Rebuild(ctx, r.pool, r.log, replay.RebuildOptions{
+		Options: r.opts,
+		Store:   r.store,
 		DryRun:  *dryRun,
 	})
 	if err != nil {
 		return err
 	}
-	r := res.Replay
+	st := res.Replay
 	fmt.Fprintf(stdout, "replayed %d messages (through seq %d) in %s, %.0f/s: %d applied, %d duplicates, %d dead letters\n",
-		r.Messages, r.Through, r.Elapsed.Round(time.Millisecond), r.PerSecond(), r.Result.Applied, r.Result.Duplicates, r.Result.DeadLettered)
+		st.Messages, st.Through, st.Elapsed.Round(time.Millisecond), st.PerSecond(), st.Result.Applied, st.Result.Duplicates, st.Result.DeadLettered)
 	if !res.History.Whole() {
 		fmt.Fprintf(stdout, "warning: the stream's history is truncated (first seq %d): the rebuilt model misses the dropped events\n", res.History.First)
 	}
@@ -106,6 +97,42 @@ func (o replayOpts) collector(getenv func(string) string) (restore func()) {
 	}
 }
 
+// replayRun is what rebuild and verify share once their flags are parsed.
+type replayRun struct {
+	pool  *pgxpool.Pool
+	log   replay.Log
+	opts  replay.Options
+	store projection.Options
+}
+
+// startReplay parses args, sets the collector up for the replay, and opens
+// Postgres and the stream; closeAll undoes it all.
+func startReplay(ctx context.Context, fs *flag.FlagSet, c *common, o replayOpts, args []string,
+	getenv func(string) string, stderr io.Writer) (r replayRun, closeAll func(), err error) {
+	if err := fs.Parse(args); err != nil {
+		return r, nil, err
+	}
+	restore := o.collector(getenv)
+	logger, err := c.logger(stderr)
+	if err != nil {
+		restore()
+		return r, nil, err
+	}
+	pool, lg, closeReplay, err := openReplay(ctx, c, logger)
+	if err != nil {
+		_ = logger.Sync()
+		restore()
+		return r, nil, err
+	}
+	r = replayRun{pool: pool, log: lg, opts: o.options(stderr, logger),
+		store: projection.Options{Prefix: c.cfg.Prefix, Logger: logger}}
+	return r, func() {
+		closeReplay()
+		_ = logger.Sync()
+		restore()
+	}, nil
+}
+
 func (o replayOpts) options(progress io.Writer, log *zap.Logger) replay.Options {
 	return replay.Options{Batch: *o.batch, AllowTruncated: *o.allowTruncated, Incremental: *o.incremental, Progress: progress, Logger: log}
 }
@@ -118,23 +145,14 @@ func runVerify(ctx context.Context, args []string, getenv func(string) string, s
 	wait := fs.Duration("wait", 30*time.Second, "how long to wait for the projector to apply what is pending")
 	opts := replayFlags(fs, "compare with a replay of a stream whose early messages were dropped")
 	maxRows := fs.Int("max-diff", 20, "most faults and differing rows of each table to print")
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	defer opts.collector(getenv)()
-	log, err := c.logger(stderr)
-	if err != nil {
-		return err
-	}
-	defer log.Sync() //nolint:errcheck
-	pool, lg, closeAll, err := openReplay(ctx, c, log)
+	r, closeAll, err := startReplay(ctx, fs, c, opts, args, getenv, stderr)
 	if err != nil {
 		return err
 	}
 	defer closeAll()
-	rep, err := replay.Verify(ctx, pool, lg, replay.VerifyOptions{
-		Options:   opts.options(stderr, log),
-		Store:     projection.Options{Prefix: c.cfg.Prefix, Logger: log},
+	rep, err := replay.Verify(ctx, r.pool, r.log, replay.VerifyOptions{
+		Options:   r.opts,
+		Store:     r.store,
 		Durable:   c.cfg.Durable,
 		Wait:      *wait,
 		NoRebuild: *noRebuild,
