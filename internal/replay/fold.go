@@ -255,7 +255,6 @@ func (f *Fold) add(m projection.Message, dec decoded) (bool, error) {
 }
 
 func (f *Fold) refuse(m projection.Message, err error) error {
-	f.counts.Refused++
 	f.refused = append(f.refused, projection.RefusalOf(m, err))
 	return err
 }
@@ -286,7 +285,11 @@ func (f *Fold) Last(project string) Position {
 func (f *Fold) LastSeq() uint64 { return f.lastSeq }
 
 // Counts says what the fold did so far.
-func (f *Fold) Counts() Counts { return f.counts }
+func (f *Fold) Counts() Counts {
+	c := f.counts
+	c.Refused = len(f.refused)
+	return c
+}
 
 // Projects lists the projects with at least one counted event, in no order.
 func (f *Fold) Projects() []string {

@@ -215,7 +215,7 @@ func Load(ctx context.Context, log Log, sh *projection.Shadow, to uint64, opts O
 	default:
 	}
 	if err == nil {
-		_, err = ld.Finish(ctx, f.Bulk())
+		err = ld.Finish(ctx, f.Bulk())
 	}
 	if err != nil {
 		cancel()
