@@ -2,23 +2,20 @@ package main
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
 	"net/http"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats-server/v2/server"
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/buildstate/buildstate/internal/events"
 	"github.com/buildstate/buildstate/internal/natsjs"
+	"github.com/buildstate/buildstate/internal/testenv"
 	"github.com/buildstate/buildstate/internal/workload"
 )
 
@@ -27,27 +24,7 @@ import (
 // client to look at it.
 func startNATS(t *testing.T) (string, jetstream.JetStream) {
 	t.Helper()
-	srv, err := server.NewServer(&server.Options{
-		Host: "127.0.0.1", Port: -1, JetStream: true, StoreDir: t.TempDir(), NoLog: true, NoSigs: true,
-	})
-	if err != nil {
-		t.Fatalf("new nats server: %v", err)
-	}
-	srv.Start()
-	t.Cleanup(func() { srv.Shutdown(); srv.WaitForShutdown() })
-	if !srv.ReadyForConnections(10 * time.Second) {
-		t.Fatal("nats server not ready")
-	}
-	nc, err := nats.Connect(srv.ClientURL())
-	if err != nil {
-		t.Fatalf("connect: %v", err)
-	}
-	t.Cleanup(nc.Close)
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return srv.ClientURL(), js
+	return testenv.JetStream(t)
 }
 
 func env(vars ...string) func(string) string {
@@ -71,22 +48,9 @@ func streamMsgs(t *testing.T, js jetstream.JetStream, name string) uint64 {
 	return info.State.Msgs
 }
 
-// syncBuffer is a bytes.Buffer safe for a writer and a reader at once.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-func (b *syncBuffer) String() string { b.mu.Lock(); defer b.mu.Unlock(); return b.b.String() }
-
 func runCmd(t *testing.T, getenv func(string) string, args ...string) (string, string, error) {
 	t.Helper()
-	var stdout, stderr syncBuffer
+	var stdout, stderr testenv.SyncBuffer
 	err := run(context.Background(), append([]string{"emitter"}, args...), getenv, &stdout, &stderr)
 	return stdout.String(), stderr.String(), err
 }
@@ -239,7 +203,7 @@ func TestServe(t *testing.T) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	var stdout, stderr syncBuffer
+	var stdout, stderr testenv.SyncBuffer
 	done := make(chan error, 1)
 	go func() {
 		done <- run(ctx, []string{"emitter", "serve", "--http-addr", "127.0.0.1:0"}, env("NATS_URL", url), &stdout, &stderr)
@@ -291,7 +255,7 @@ func TestServe(t *testing.T) {
 }
 
 // waitForListening reads the serve log for the address it listens on.
-func waitForListening(t *testing.T, log *syncBuffer, done <-chan error) string {
+func waitForListening(t *testing.T, log *testenv.SyncBuffer, done <-chan error) string {
 	t.Helper()
 	deadline := time.After(10 * time.Second)
 	for {

@@ -16,14 +16,16 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/buildstate/buildstate/internal/events"
+	"github.com/buildstate/buildstate/internal/projection"
+	"github.com/buildstate/buildstate/internal/testenv"
 	"github.com/buildstate/buildstate/internal/workload"
 )
 
 // projectorRun runs `projector run` in-process until the test stops it.
-func projectorRun(t *testing.T, e env, args ...string) (logs *syncBuffer, stop func()) {
+func projectorRun(t *testing.T, e env, args ...string) (logs *testenv.SyncBuffer, stop func()) {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
-	logs = &syncBuffer{}
+	logs = &testenv.SyncBuffer{}
 	done := make(chan error, 1)
 	go func() { done <- run(ctx, append([]string{"projector", "run"}, args...), e.getenv, io.Discard, logs) }()
 	var once sync.Once
@@ -351,20 +353,7 @@ type statusJSON struct {
 		LastBuildCompleted *time.Time `json:"last_build_completed"`
 		Framework          *string    `json:"framework"`
 	} `json:"project"`
-	Builds []struct {
-		BuildID        string     `json:"build_id"`
-		ProjectID      string     `json:"project_id"`
-		Status         string     `json:"status"`
-		StartedAt      time.Time  `json:"started_at"`
-		CompletedAt    *time.Time `json:"completed_at"`
-		DurationMS     *int64     `json:"duration_ms"`
-		Framework      *string    `json:"framework"`
-		NodeVersion    *string    `json:"node_version"`
-		PackageManager *string    `json:"package_manager"`
-		Attempt        *int64     `json:"attempt"`
-		Error          *string    `json:"error"`
-		QueuedAt       *time.Time `json:"queued_at"`
-	} `json:"recent_builds"`
+	Builds []projection.MetricsRow `json:"recent_builds"`
 }
 
 // utc puts every time in UTC, so that equal instants marshal alike.

@@ -2,7 +2,6 @@ package faults
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -44,24 +43,6 @@ const (
 	prefix  = "builds"
 	durable = "projector"
 )
-
-// syncBuffer is a bytes.Buffer safe for one writer and many readers.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 // rig is one test's services: an embedded JetStream server with the BUILDS
 // stream, and a database of its own.
@@ -391,7 +372,7 @@ func countApplied(t *testing.T, url string) int {
 // inProcess is a projector.Run in a goroutine of the test.
 type inProcess struct {
 	addr   string
-	logs   *syncBuffer
+	logs   *testenv.SyncBuffer
 	cancel context.CancelFunc
 	done   chan error
 	err    error
@@ -402,7 +383,7 @@ type inProcess struct {
 // on a random port, and returns once it consumes.
 func startInProcess(t *testing.T, r *rig, batch int) *inProcess {
 	t.Helper()
-	p := &inProcess{logs: &syncBuffer{}, done: make(chan error, 1)}
+	p := &inProcess{logs: &testenv.SyncBuffer{}, done: make(chan error, 1)}
 	enc := zap.NewProductionEncoderConfig()
 	log := zap.New(zapcore.NewCore(zapcore.NewJSONEncoder(enc), zapcore.AddSync(p.logs), zap.DebugLevel))
 	ready := make(chan string, 1)
@@ -585,7 +566,7 @@ func buildBinary(t *testing.T, pkg, name string) string {
 // proc is one run of the projector binary.
 type proc struct {
 	cmd    *exec.Cmd
-	stderr *syncBuffer
+	stderr *testenv.SyncBuffer
 	done   chan struct{}
 	err    error // Wait's error, once done is closed
 }
@@ -597,7 +578,7 @@ func startBinary(t *testing.T, bin string, r *rig, args ...string) *proc {
 	cmd.Env = append(os.Environ(),
 		"DATABASE_URL="+r.dbURL, "NATS_URL="+r.natsURL, "PROJECTOR_HTTP_ADDR=127.0.0.1:0",
 		"BUILDS_STREAM="+stream, "BUILDS_SUBJECT_PREFIX="+prefix, "PROJECTOR_DURABLE="+durable)
-	p := &proc{cmd: cmd, stderr: &syncBuffer{}, done: make(chan struct{})}
+	p := &proc{cmd: cmd, stderr: &testenv.SyncBuffer{}, done: make(chan struct{})}
 	cmd.Stdout = io.Discard
 	cmd.Stderr = p.stderr
 	if err := cmd.Start(); err != nil {

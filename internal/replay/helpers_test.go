@@ -11,7 +11,6 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/buildstate/buildstate/internal/events"
@@ -108,16 +107,7 @@ func newDB(t testing.TB) *pgxpool.Pool {
 // newLog gives the test an embedded JetStream server with the BUILDS stream.
 func newLog(t testing.TB) replay.Log {
 	t.Helper()
-	url, _ := testenv.NATS(t)
-	nc, err := nats.Connect(url)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, js := testenv.JetStream(t)
 	if _, err := natsjs.EnsureStream(context.Background(), js, "BUILDS", "builds", 1); err != nil {
 		t.Fatal(err)
 	}

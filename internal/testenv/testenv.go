@@ -9,6 +9,7 @@
 package testenv
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -22,6 +23,8 @@ import (
 
 	"github.com/buildstate/buildstate/internal/devenv"
 	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 )
 
 // The PostgreSQL server shared by all the tests of the process, found on
@@ -111,6 +114,42 @@ func NATS(t testing.TB) (url string, srv *server.Server) {
 	}
 	t.Cleanup(func() { shutdown(srv) })
 	return srv.ClientURL(), srv
+}
+
+// JetStream starts an embedded server as NATS does and returns its URL and
+// a JetStream client connected to it, closed when the test ends.
+func JetStream(t testing.TB) (url string, js jetstream.JetStream) {
+	t.Helper()
+	url, _ = NATS(t)
+	nc, err := nats.Connect(url)
+	if err != nil {
+		t.Fatalf("testenv: connect: %v", err)
+	}
+	t.Cleanup(nc.Close)
+	js, err = jetstream.New(nc)
+	if err != nil {
+		t.Fatalf("testenv: jetstream: %v", err)
+	}
+	return url, js
+}
+
+// SyncBuffer is a bytes.Buffer safe for one writer and concurrent readers:
+// a command's output read while it runs.
+type SyncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *SyncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *SyncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }
 
 // RestartNATS shuts srv down and starts a new server on the same port with
