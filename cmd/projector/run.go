@@ -172,13 +172,19 @@ func runDeadLetters(ctx context.Context, args []string, getenv func(string) stri
 	fs, c := newFlags("dead-letters", getenv, stderr)
 	var f projection.DeadLetterFilter
 	fs.StringVar(&f.Reason, "reason", "", "only this reason")
-	fs.Func("seq", "only this stream sequence", func(s string) error {
+	fs.Func("seq", "only this stream sequence (1 or more)", func(s string) error {
 		n, err := strconv.ParseUint(s, 10, 64)
+		if err == nil && n == 0 {
+			return errors.New("stream sequences start at 1")
+		}
 		f.Seq = n
 		return err
 	})
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	if f.Reason != "" && f.Seq != 0 {
+		return errors.New("dead-letters: --reason and --seq are exclusive")
 	}
 	store, closeStore, err := openStore(ctx, c)
 	if err != nil {
@@ -210,15 +216,17 @@ func runDeadLetters(ctx context.Context, args []string, getenv func(string) stri
 	return nil
 }
 
-// deadLetterJSON shows the payload as text when it is UTF-8, else base64.
+// deadLetterJSON shows the payload as text when it is UTF-8, else base64;
+// a subject that is not exact as text comes with its bytes in base64.
 func deadLetterJSON(d projection.DeadLetter) any {
 	type out struct {
 		projection.DeadLetter
+		SubjectBase64 []byte `json:"subject_base64,omitempty"`
 		Payload       string `json:"payload,omitempty"`
 		PayloadBase64 []byte `json:"payload_base64,omitempty"`
 		PayloadBytes  int    `json:"payload_bytes"`
 	}
-	o := out{DeadLetter: d, PayloadBytes: len(d.Payload)}
+	o := out{DeadLetter: d, SubjectBase64: d.SubjectBytes, PayloadBytes: len(d.Payload)}
 	if isText(d.Payload) {
 		o.Payload = string(d.Payload)
 	} else {

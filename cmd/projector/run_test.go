@@ -179,3 +179,28 @@ func get(t *testing.T, url string) string {
 	}
 	return string(b)
 }
+
+// TestDeadLettersFlags: the selectors are exclusive and sequences start at
+// 1; both are refused before anything is read or re-driven.
+func TestDeadLettersFlags(t *testing.T) {
+	t.Parallel()
+	for _, args := range [][]string{
+		{"dead-letters", "--seq", "0"},
+		{"dead-letters", "retry", "--seq", "0"},
+		{"dead-letters", "retry", "--reason", "malformed_json", "--seq", "3"},
+		{"dead-letters", "--reason", "malformed_json", "--seq", "3"},
+	} {
+		var out, errb bytes.Buffer
+		// An unreachable database: a command that got as far as reading would fail differently.
+		getenv := func(k string) string {
+			if k == "DATABASE_URL" {
+				return "postgres://nobody@127.0.0.1:1/none?connect_timeout=1"
+			}
+			return ""
+		}
+		err := run(context.Background(), append([]string{"projector"}, args...), getenv, &out, &errb)
+		if err == nil || strings.Contains(err.Error(), "127.0.0.1") || (!strings.Contains(err.Error(), "exclusive") && !strings.Contains(errb.String()+err.Error(), "start at 1")) {
+			t.Errorf("projector %s = %v (stderr %q); want a flag error", strings.Join(args, " "), err, errb.String())
+		}
+	}
+}

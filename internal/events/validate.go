@@ -36,6 +36,9 @@ const (
 	ReasonInvalidData       Reason = "invalid_data"
 	ReasonIDConflict        Reason = "id_conflict"
 	ReasonBuildProjectClash Reason = "build_project_conflict"
+	// ReasonRejectedByDatabase: the database refused to store the event
+	// (the detail names the SQLSTATE); no rule of the contract caught it.
+	ReasonRejectedByDatabase Reason = "rejected_by_database"
 )
 
 // InvalidError says why an event was refused.

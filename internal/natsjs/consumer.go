@@ -97,6 +97,7 @@ func (l *Loop) Ready() bool { return l.ready.Load() }
 // Run consumes until ctx is done. On stop it stops pulling, finishes and
 // acks the batch in hand (bounded by StopTimeout), naks what was pulled but
 // not handled so that another projector takes it at once, and returns nil.
+// If the consumer is deleted under it, it does the same and returns an error.
 func (l *Loop) Run(ctx context.Context) error {
 	it, err := l.cons.Messages(
 		jetstream.PullMaxMessages(2*l.opts.BatchSize),
@@ -107,6 +108,7 @@ func (l *Loop) Run(ctx context.Context) error {
 	}
 	l.ready.Store(true)
 	in := make(chan jetstream.Msg, l.opts.BatchSize)
+	var lost error // why the consumer is gone, if it is
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() { // owner: Run, which waits for it below
@@ -115,6 +117,10 @@ func (l *Loop) Run(ctx context.Context) error {
 		for {
 			msg, err := it.Next()
 			if errors.Is(err, jetstream.ErrMsgIteratorClosed) {
+				return
+			}
+			if errors.Is(err, jetstream.ErrConsumerDeleted) || errors.Is(err, jetstream.ErrConsumerNotFound) {
+				lost = err
 				return
 			}
 			if err != nil {
@@ -139,7 +145,19 @@ func (l *Loop) Run(ctx context.Context) error {
 		_ = msg.Nak()
 	}
 	wg.Wait()
+	if lost != nil {
+		// Not a stop: whoever supervises the projector restarts it, and
+		// the start creates the consumer again.
+		return fmt.Errorf("consumer %s: %w", consumerName(l.cons), lost)
+	}
 	return nil
+}
+
+func consumerName(c jetstream.Consumer) string {
+	if info := c.CachedInfo(); info != nil {
+		return info.Name
+	}
+	return "?"
 }
 
 // collect blocks for one message, then takes what is ready up to BatchSize

@@ -35,6 +35,7 @@ func StreamConfig(name, prefix string, replicas int) jetstream.StreamConfig {
 		Duplicates:  DuplicateWindow,
 		Replicas:    replicas,
 		DenyDelete:  true,
+		DenyPurge:   true,
 	}
 }
 

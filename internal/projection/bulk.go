@@ -26,6 +26,8 @@ type Bulk struct {
 	Projects iter.Seq[*BulkProject]
 	// Dead yields the messages the store would have dead-lettered.
 	Dead iter.Seq[Refusal]
+	// Prefix is the subject prefix the log was read under (kept with the dead letters).
+	Prefix string
 }
 
 // BulkProject is a project and its builds.
@@ -135,7 +137,7 @@ func (l *Loader) Finish(ctx context.Context, b Bulk) error {
 	}{{
 		{"projector_facts", factsColumns, func() iter.Seq[[]any] { return factRows(builds) }},
 		{"projector_roles", rolesColumns, func() iter.Seq[[]any] { return roleRows(b.Projects) }},
-		{"projector_dead_letters", deadColumns, func() iter.Seq[[]any] { return deadRows(b.Dead, l.now) }},
+		{"projector_dead_letters", deadColumns, func() iter.Seq[[]any] { return deadRows(b.Dead, b.Prefix, l.now) }},
 	}, {
 		{"project_build_metrics", strings.Split(metricsColumns, ", "), func() iter.Seq[[]any] { return metricsRows(b.Projects, &rows) }},
 		{"projects", projectsColumns, func() iter.Seq[[]any] { return projectRows(rows, l.now) }},
@@ -259,21 +261,18 @@ func appliedRows(batches iter.Seq[[]Applied]) iter.Seq[[]any] {
 	}
 }
 
-var deadColumns = []string{"stream_seq", "subject", "reason", "detail", "payload", "stored_at", "dead_at", "retries"}
+var deadColumns = []string{"stream_seq", "subject", "subject_bytes", "subject_prefix", "reason", "detail", "payload", "stored_at", "dead_at", "retries"}
 
-func deadRows(dead iter.Seq[Refusal], now time.Time) iter.Seq[[]any] {
+func deadRows(dead iter.Seq[Refusal], prefix string, now time.Time) iter.Seq[[]any] {
 	return func(yield func([]any) bool) {
 		if dead == nil {
 			return
 		}
-		row := make([]any, 8)
+		row := make([]any, len(deadColumns))
 		for d := range dead {
-			at := d.Msg.StoredAt
-			if at.IsZero() {
-				at = now
-			}
-			row[0], row[1], row[2], row[3] = int64(d.Msg.Seq), d.Msg.Subject, string(d.Reason), d.Detail
-			row[4], row[5], row[6], row[7] = nonNil(d.Msg.Data), at, now, int32(0)
+			r := deadRowOf(d, prefix, now)
+			row[0], row[1], row[2], row[3], row[4] = r.seq, r.subject, r.subjectBytes, r.prefix, r.reason
+			row[5], row[6], row[7], row[8], row[9] = r.detail, r.payload, r.storedAt, now, int32(0)
 			if !yield(row) {
 				return
 			}

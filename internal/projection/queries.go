@@ -1,6 +1,7 @@
 package projection
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"time"
@@ -37,14 +38,26 @@ type MetricsRow struct {
 
 // DeadLetter is a kept message that could not be applied.
 type DeadLetter struct {
-	StreamSeq uint64    `json:"stream_seq"`
-	Subject   string    `json:"subject"`
-	Reason    string    `json:"reason"`
-	Detail    string    `json:"detail"`
-	Payload   []byte    `json:"-"`
-	StoredAt  time.Time `json:"stored_at"`
-	DeadAt    time.Time `json:"dead_at"`
-	Retries   int       `json:"retries"`
+	StreamSeq uint64 `json:"stream_seq"`
+	// Subject is the subject as text; when the subject is not valid UTF-8
+	// or holds NUL, that text shows U+FFFD and SubjectBytes has its bytes.
+	Subject      string    `json:"subject"`
+	SubjectBytes []byte    `json:"-"`
+	Prefix       string    `json:"subject_prefix,omitempty"` // the prefix it was kept under ("": unknown)
+	Reason       string    `json:"reason"`
+	Detail       string    `json:"detail"`
+	Payload      []byte    `json:"-"`
+	StoredAt     time.Time `json:"stored_at"`
+	DeadAt       time.Time `json:"dead_at"`
+	Retries      int       `json:"retries"`
+}
+
+// RawSubject is the subject byte for byte.
+func (d DeadLetter) RawSubject() string {
+	if d.SubjectBytes != nil {
+		return string(d.SubjectBytes)
+	}
+	return d.Subject
 }
 
 const projectColumns = `project_id, build_status, current_build_id, last_build_started, last_build_completed, framework, updated_at`
@@ -100,15 +113,22 @@ func (s *Store) Metrics(ctx context.Context) ([]MetricsRow, error) {
 type DeadLetterFilter struct {
 	Reason string
 	Seq    uint64
+	After  uint64 // only sequences above this
+	Limit  int    // at most this many (0: all)
 }
 
 // DeadLetters returns kept messages in stream order.
 func (s *Store) DeadLetters(ctx context.Context, f DeadLetterFilter) ([]DeadLetter, error) {
+	limit := int64(f.Limit)
+	if limit <= 0 {
+		limit = -1
+	}
 	rows, err := s.pool.Query(ctx, `
-		SELECT stream_seq, subject, reason, detail, payload, stored_at, dead_at, retries
+		SELECT stream_seq, subject, subject_bytes, coalesce(subject_prefix, ''), reason, detail, payload, stored_at, dead_at, retries
 		FROM projector_dead_letters
-		WHERE ($1 = '' OR reason = $1) AND ($2::bigint = 0 OR stream_seq = $2)
-		ORDER BY stream_seq`, f.Reason, int64(f.Seq))
+		WHERE ($1 = '' OR reason = $1) AND ($2::bigint = 0 OR stream_seq = $2) AND stream_seq > $3
+		ORDER BY stream_seq
+		LIMIT CASE WHEN $4::bigint < 0 THEN NULL ELSE $4::bigint END`, f.Reason, int64(f.Seq), int64(f.After), limit)
 	if err != nil {
 		return nil, fmt.Errorf("read dead letters: %w", err)
 	}
@@ -119,29 +139,52 @@ func (s *Store) DeadLetters(ctx context.Context, f DeadLetterFilter) ([]DeadLett
 	return out, nil
 }
 
-// Retry re-drives the dead letters f selects: each is applied again as the
-// message it was (same sequence, subject, payload and stored time). One that
-// now applies, or turns out to be a duplicate, leaves the dead-letter table;
-// one still invalid stays with its new reason and a raised retry count.
-// Running it twice changes nothing more.
+// retryChunk is how many dead letters Retry re-drives in one transaction.
+const retryChunk = 500
+
+// Retry re-drives the dead letters f selects (f.After and f.Limit aside),
+// retryChunk at a time in stream order: each is applied again as the
+// message it was (same sequence, subject bytes, payload and stored time),
+// decoded under the subject prefix it was kept under. One that now applies,
+// or turns out to be a duplicate, leaves the dead-letter table; one still
+// refused stays with its new reason and a raised retry count. Running it
+// twice changes nothing more.
 func (s *Store) Retry(ctx context.Context, f DeadLetterFilter) (Result, error) {
-	dls, err := s.DeadLetters(ctx, f)
-	if err != nil {
-		return Result{}, err
+	var total Result
+	f.After, f.Limit = 0, retryChunk
+	for {
+		dls, err := s.DeadLetters(ctx, f)
+		if err != nil {
+			return total, err
+		}
+		if len(dls) == 0 {
+			return total, nil
+		}
+		f.After = dls[len(dls)-1].StreamSeq
+		// One apply per prefix the letters were kept under.
+		byPrefix := map[string][]DeadLetter{}
+		var prefixes []string
+		for _, d := range dls {
+			p := cmp.Or(d.Prefix, s.opts.Prefix)
+			if byPrefix[p] == nil {
+				prefixes = append(prefixes, p)
+			}
+			byPrefix[p] = append(byPrefix[p], d)
+		}
+		for _, p := range prefixes {
+			under := *s
+			under.opts.Prefix = p
+			msgs := make([]Message, 0, len(byPrefix[p]))
+			retries := map[uint64]int{}
+			for _, d := range byPrefix[p] {
+				msgs = append(msgs, Message{Seq: d.StreamSeq, Subject: d.RawSubject(), Data: d.Payload, StoredAt: d.StoredAt})
+				retries[d.StreamSeq] = d.Retries + 1
+			}
+			res, err := under.applyIsolating(ctx, msgs, retries)
+			if err != nil {
+				return total, fmt.Errorf("retry dead letters: %w", err)
+			}
+			total.add(res)
+		}
 	}
-	if len(dls) == 0 {
-		return Result{}, nil
-	}
-	msgs := make([]Message, len(dls))
-	b := batch{retries: map[uint64]int{}}
-	for i, d := range dls {
-		msgs[i] = Message{Seq: d.StreamSeq, Subject: d.Subject, Data: d.Payload, StoredAt: d.StoredAt}
-		b.redrive = append(b.redrive, int64(d.StreamSeq))
-		b.retries[d.StreamSeq] = d.Retries + 1
-	}
-	res, err := s.apply(ctx, msgs, b)
-	if err != nil {
-		return Result{}, fmt.Errorf("retry dead letters: %w", err)
-	}
-	return res, nil
 }

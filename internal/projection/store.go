@@ -5,6 +5,7 @@
 package projection
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -46,6 +47,12 @@ type Result struct {
 	Applied      int // events that were new and valid
 	Duplicates   int // events whose id was already applied (same content)
 	DeadLettered int // messages kept as dead letters
+}
+
+func (r *Result) add(o Result) {
+	r.Applied += o.Applied
+	r.Duplicates += o.Duplicates
+	r.DeadLettered += o.DeadLettered
 }
 
 // Observer hears about write retries (for metrics).
@@ -102,13 +109,70 @@ const gateClass, gateID = 0x6273, 1
 
 // Apply applies a batch in one transaction: valid new events change the
 // read model, repeats are ignored, invalid messages become dead letters.
-// A retryable write error is retried in a fresh transaction with backoff; any
-// other error leaves nothing written, and the caller redelivers the batch.
+// A retryable write error is retried in a fresh transaction with backoff. A
+// message whose content the database refuses (Refused) is found by
+// splitting the batch and kept as a dead letter (rejected_by_database); the
+// rest of the batch applies. Any other error leaves nothing written, and the
+// caller tries the batch again later.
 func (s *Store) Apply(ctx context.Context, msgs []Message) (Result, error) {
-	return s.apply(ctx, msgs, batch{})
+	return s.applyIsolating(ctx, msgs, nil)
 }
 
-func (s *Store) apply(ctx context.Context, msgs []Message, b batch) (Result, error) {
+// applyIsolating applies msgs (re-driven dead letters with their new retry
+// counts in retries, nil for live messages); when the database refuses
+// their content, it applies each half on its own, in sequence order (a
+// batch acts as if applied one by one in that order, so halves applied one
+// after the other give the same rows), down to the single messages it
+// refuses, which it keeps as dead letters.
+func (s *Store) applyIsolating(ctx context.Context, msgs []Message, retries map[uint64]int) (Result, error) {
+	res, err := s.apply(ctx, msgs, retries)
+	if err == nil || !Refused(err) {
+		return res, err
+	}
+	if len(msgs) == 1 {
+		s.opts.Logger.Warn("message refused by the database; kept as a dead letter",
+			zap.Uint64("stream_seq", msgs[0].Seq), zap.Error(err))
+		return s.reject(ctx, msgs[0], err, retries)
+	}
+	sorted := slices.Clone(msgs)
+	slices.SortFunc(sorted, func(a, b Message) int { return cmp.Compare(a.Seq, b.Seq) })
+	var total Result
+	for _, half := range [][]Message{sorted[:len(sorted)/2], sorted[len(sorted)/2:]} {
+		r, err := s.applyIsolating(ctx, half, retries)
+		if err != nil {
+			return Result{}, err
+		}
+		total.add(r)
+	}
+	return total, nil
+}
+
+// reject keeps msg, which the database refused with err, as a dead letter.
+func (s *Store) reject(ctx context.Context, msg Message, cause error, retries map[uint64]int) (Result, error) {
+	var pgErr *pgconn.PgError
+	errors.As(cause, &pgErr)
+	detail := fmt.Sprintf("SQLSTATE %s: %s", pgErr.Code, pgErr.Message)
+	if pgErr.ConstraintName != "" {
+		detail += " (constraint " + pgErr.ConstraintName + ")"
+	}
+	if pgErr.Detail != "" {
+		detail += ": " + pgErr.Detail
+	}
+	wb := &pgx.Batch{}
+	if s.opts.Gate {
+		wb.Queue(`SELECT pg_advisory_xact_lock_shared($1::int4, $2::int4)`, gateClass, gateID)
+	}
+	wb.Queue(`DELETE FROM projector_dead_letters WHERE stream_seq = $1`, int64(msg.Seq))
+	queueDeadLetters(wb, []Refusal{{Msg: msg, Reason: events.ReasonRejectedByDatabase, Detail: detail}}, s.opts.Prefix, retries)
+	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error { return tx.SendBatch(ctx, wb).Close() })
+	if err != nil {
+		return Result{}, fmt.Errorf("keep refused message %d: %w", msg.Seq, err)
+	}
+	return Result{DeadLettered: 1}, nil
+}
+
+func (s *Store) apply(ctx context.Context, msgs []Message, retries map[uint64]int) (Result, error) {
+	b := batch{retries: retries}
 	s.prepare(&b, msgs)
 	var res Result
 	var err error
@@ -150,8 +214,8 @@ type batch struct {
 	rounds [][]candidate // candidates, each id at most once a round
 	dead   []Refusal     // refused by Decode
 
-	redrive []int64        // dead letters to take out first (a retry)
-	retries map[uint64]int // their retry counts, kept if they die again
+	redrive []int64        // the batch's re-driven dead letters, taken out first (a retry)
+	retries map[uint64]int // re-driven dead letters and their new retry counts
 }
 
 // prepare decodes the batch and settles what needs no database: invalid
@@ -166,6 +230,9 @@ func (s *Store) prepare(b *batch, msgs []Message) {
 	byID := map[string]int{}     // round+1 of the last event with that id
 	byBuild := map[string]last{} // round and project of the last event naming that build
 	for _, m := range sorted {
+		if _, ok := b.retries[m.Seq]; ok {
+			b.redrive = append(b.redrive, int64(m.Seq))
+		}
 		ev, err := events.Decode(s.opts.Prefix, m.Subject, m.Data, m.StoredAt)
 		if err != nil {
 			b.dead = append(b.dead, RefusalOf(m, err))
@@ -210,7 +277,7 @@ func (s *Store) applyOnce(ctx context.Context, b batch) (Result, error) {
 	}
 	res := Result{DeadLettered: len(b.dead)}
 	wb := &pgx.Batch{}
-	queueDeadLetters(wb, b.dead, b.retries)
+	queueDeadLetters(wb, b.dead, s.opts.Prefix, b.retries)
 	for i, round := range b.rounds {
 		if i == 0 {
 			err = s.applyRound(ctx, tx, round, b, wb, &res)
@@ -297,7 +364,7 @@ func (s *Store) applyRound(ctx context.Context, tx pgx.Tx, cands []candidate, b 
 	}
 	queueFacts(wb, dec.facts)
 	queueRoles(wb, dec.roles)
-	queueDeadLetters(wb, dead, b.retries)
+	queueDeadLetters(wb, dead, s.opts.Prefix, b.retries)
 	queuePlans(wb, dec.plans)
 	return nil
 }
@@ -312,7 +379,7 @@ type state struct {
 }
 
 // read sends, in one round trip and in this order: the rebuild gate
-// (shared) and one advisory lock per project, in key order so that
+// (shared) and one advisory lock per bucket of projects, in order so that
 // concurrent projectors cannot deadlock on them; the removal of re-driven
 // dead letters; the claim of every build (the first project to name a build
 // owns it); the mark of every event id as applied; and the stored facts of
@@ -328,7 +395,7 @@ func (s *Store) read(ctx context.Context, tx pgx.Tx, cands []candidate, b batch)
 		rb.Queue(`SELECT pg_advisory_xact_lock_shared($1::int4, $2::int4)`, gateClass, gateID)
 	}
 	if len(keys) > 0 {
-		rb.Queue(`SELECT count(pg_advisory_xact_lock(k)) FROM unnest($1::bigint[]) AS k`, keys)
+		rb.Queue(`SELECT count(pg_advisory_xact_lock($1::int4, k)) FROM unnest($2::int4[]) AS k`, lockClass, keys)
 	}
 	if len(cands) > 0 {
 		rb.Queue(claimBuildsSQL, builds, owners).Query(func(rows pgx.Rows) error {
@@ -403,28 +470,37 @@ func (s *Store) read(ctx context.Context, tx pgx.Tx, cands []candidate, b batch)
 	return st, nil
 }
 
-func lockKey(projectID string) int64 {
-	h := fnv.New64a()
+// lockBuckets is how many project locks a batch can take at most. Each
+// batch serializes with concurrent ones on the projects it touches by one
+// advisory lock per bucket of projects, not per project: Postgres's lock
+// table is shared and small (max_locks_per_transaction × max_connections,
+// 6,400 by default), and a lock per project let one batch of 20,000
+// projects exhaust it (53200, "out of shared memory") for ever.
+const lockBuckets = 256
+
+// lockClass is the first key of the bucket locks (the second is the bucket).
+const lockClass = 0x6275
+
+func lockBucket(projectID string) int32 {
+	h := fnv.New32a()
 	h.Write([]byte(projectID))
-	return int64(h.Sum64())
+	return int32(h.Sum32() % lockBuckets)
 }
 
-// projectsOf lists the batch's projects and their lock keys in key order.
-func projectsOf(cands []candidate) ([]string, []int64) {
+// projectsOf lists the batch's projects and their lock buckets in order.
+func projectsOf(cands []candidate) ([]string, []int32) {
 	seen := map[string]bool{}
 	var projects []string
+	var buckets []int32
 	for _, c := range cands {
 		if !seen[c.ev.ProjectID] {
 			seen[c.ev.ProjectID] = true
 			projects = append(projects, c.ev.ProjectID)
+			buckets = append(buckets, lockBucket(c.ev.ProjectID))
 		}
 	}
-	keys := make([]int64, len(projects))
-	for i, p := range projects {
-		keys[i] = lockKey(p)
-	}
-	slices.Sort(keys)
-	return projects, keys
+	slices.Sort(buckets)
+	return projects, slices.Compact(buckets)
 }
 
 // buildsOf lists the batch's builds in id order (one insertion order for

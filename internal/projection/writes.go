@@ -2,7 +2,9 @@ package projection
 
 import (
 	"slices"
+	"strings"
 	"time"
+	"unicode/utf8"
 
 	"github.com/jackc/pgx/v5"
 
@@ -82,40 +84,75 @@ func orNull(s string) *string {
 }
 
 const insertDeadLettersSQL = `
-INSERT INTO projector_dead_letters (stream_seq, subject, reason, detail, payload, stored_at, retries)
-SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::timestamptz[], $7::int[])
+INSERT INTO projector_dead_letters (stream_seq, subject, subject_bytes, subject_prefix, reason, detail, payload, stored_at, retries)
+SELECT * FROM unnest($1::bigint[], $2::text[], $3::bytea[], $4::text[], $5::text[], $6::text[], $7::bytea[], $8::timestamptz[], $9::int[])
 ON CONFLICT (stream_seq) DO UPDATE
-SET reason = excluded.Reason, detail = excluded.Detail`
+SET reason = excluded.reason, detail = excluded.detail`
 
-func queueDeadLetters(b *pgx.Batch, dead []Refusal, retries map[uint64]int) {
+// deadRow is a projector_dead_letters row. Its text columns hold only what
+// a text column can (valid UTF-8, no NUL), so keeping a letter cannot fail
+// on the message's content; the subject's exact bytes go in subjectBytes
+// when its text differs (the payload is bytea already).
+type deadRow struct {
+	seq          int64
+	subject      string
+	subjectBytes []byte // nil: subject is exact
+	prefix       string
+	reason       string
+	detail       string
+	payload      []byte
+	storedAt     time.Time
+}
+
+func deadRowOf(d Refusal, prefix string, now time.Time) deadRow {
+	r := deadRow{seq: int64(d.Msg.Seq), subject: textSafe(d.Msg.Subject), prefix: prefix,
+		reason: string(d.Reason), detail: textSafe(d.Detail), payload: nonNil(d.Msg.Data), storedAt: d.Msg.StoredAt}
+	if r.subject != d.Msg.Subject {
+		r.subjectBytes = []byte(d.Msg.Subject)
+	}
+	if r.storedAt.IsZero() {
+		r.storedAt = now
+	}
+	return r
+}
+
+// textSafe is s as a text column can hold it: invalid UTF-8 and NUL become U+FFFD.
+func textSafe(s string) string {
+	if utf8.ValidString(s) && !strings.ContainsRune(s, 0) {
+		return s
+	}
+	return strings.ReplaceAll(strings.ToValidUTF8(s, "\uFFFD"), "\x00", "\uFFFD")
+}
+
+func queueDeadLetters(b *pgx.Batch, dead []Refusal, prefix string, retries map[uint64]int) {
 	if len(dead) == 0 {
 		return
 	}
 	// One row per sequence: a redelivered batch may carry a message twice.
 	seen := map[uint64]bool{}
 	var seqs []int64
-	var subjects, reasons, details []string
-	var payloads [][]byte
+	var subjects, prefixes, reasons, details []string
+	var subjectBytes, payloads [][]byte
 	var stored []time.Time
 	var counts []int32
+	now := time.Now()
 	for _, d := range dead {
 		if seen[d.Msg.Seq] {
 			continue
 		}
 		seen[d.Msg.Seq] = true
-		at := d.Msg.StoredAt
-		if at.IsZero() {
-			at = time.Now()
-		}
-		seqs = append(seqs, int64(d.Msg.Seq))
-		subjects = append(subjects, d.Msg.Subject)
-		reasons = append(reasons, string(d.Reason))
-		details = append(details, d.Detail)
-		payloads = append(payloads, nonNil(d.Msg.Data))
-		stored = append(stored, at)
+		r := deadRowOf(d, prefix, now)
+		seqs = append(seqs, r.seq)
+		subjects = append(subjects, r.subject)
+		subjectBytes = append(subjectBytes, r.subjectBytes)
+		prefixes = append(prefixes, r.prefix)
+		reasons = append(reasons, r.reason)
+		details = append(details, r.detail)
+		payloads = append(payloads, r.payload)
+		stored = append(stored, r.storedAt)
 		counts = append(counts, int32(retries[d.Msg.Seq]))
 	}
-	b.Queue(insertDeadLettersSQL, seqs, subjects, reasons, details, payloads, stored, counts)
+	b.Queue(insertDeadLettersSQL, seqs, subjects, subjectBytes, prefixes, reasons, details, payloads, stored, counts)
 }
 
 func nonNil(b []byte) []byte {

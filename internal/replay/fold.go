@@ -319,6 +319,7 @@ func (f *Fold) Bulk() projection.Bulk {
 				}
 			}
 		},
-		Dead: slices.Values(f.refused),
+		Dead:   slices.Values(f.refused),
+		Prefix: f.prefix,
 	}
 }
