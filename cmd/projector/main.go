@@ -8,6 +8,7 @@
 //	projector status PROJECT_ID [--json] [--at TIME | --seq N]
 //	projector rebuild [--dry-run] [--batch N] [--allow-truncated] [--incremental]
 //	projector verify [--no-rebuild] [--wait D] [--max-diff N] [--allow-truncated] [--incremental]
+//	projector stuck [--queued-for D] [--building-for D] [--json] [--time-out]
 package main
 
 import (
