@@ -640,7 +640,7 @@ func TestModelByHand(t *testing.T) {
 		ev(events.KindStarted, "b1", "2", 10, events.Data{Framework: str("nextjs")}),
 		ev(events.KindMetricsRecorded, "b1", "3", 20, events.Data{}),
 		ev(events.KindCompleted, "b1", "4", 5, events.Data{Outcome: events.OutcomeFailed}),
-		ev(events.KindCompleted, "b1", "5", 5, events.Data{Outcome: events.OutcomeSucceeded}), // tie, greater id
+		ev(events.KindCompleted, "b1", "5", 5, events.Data{Outcome: events.OutcomeSucceeded}),                 // tie, greater id
 		ev(events.KindCompleted, "b1", "9", 50, events.Data{Outcome: events.OutcomeCanceled, TimedOut: true}), // a time-out loses, though later
 		ev(events.KindQueued, "b2", "6", 30, events.Data{}),
 		ev(events.KindMetricsRecorded, "b3", "7", 99, events.Data{}), // invisible
