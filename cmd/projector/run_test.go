@@ -139,9 +139,9 @@ func TestRunEndToEnd(t *testing.T) {
 	}
 	addr := httpAddr(t, logs.String())
 	for path, want := range map[string]string{
-		"/healthz": "ok",
-		"/readyz":  "ready",
-		"/metrics": "buildstate_events_dead_lettered_total 1",
+		"/healthz":  "ok",
+		"/readyz":   "ready",
+		"/metrics":  "buildstate_events_dead_lettered_total 1",
 		"/metrics#": `buildstate_builds_stuck{state="building"} 0`, // present from the start
 	} {
 		body := get(t, "http://"+addr+strings.TrimSuffix(path, "#"))
