@@ -1,7 +1,7 @@
 // Command projector consumes build lifecycle events from NATS JetStream and
 // keeps the Postgres read model (projects, project_build_metrics) correct.
 //
-//	projector [run]                         consume (default)
+//	projector [run] [--time-out-stuck]      consume (default)
 //	projector migrate                       apply the schema migrations
 //	projector dead-letters [--reason R] [--seq N]
 //	projector dead-letters retry [--reason R | --seq N]
