@@ -1,13 +1,14 @@
 // Command projector consumes build lifecycle events from NATS JetStream and
 // keeps the Postgres read model (projects, project_build_metrics) correct.
 //
-//	projector [run]                         consume (default)
+//	projector [run] [--time-out-stuck]      consume (default)
 //	projector migrate                       apply the schema migrations
 //	projector dead-letters [--reason R] [--seq N]
 //	projector dead-letters retry [--reason R | --seq N]
 //	projector status PROJECT_ID [--json] [--at TIME | --seq N]
 //	projector rebuild [--dry-run] [--batch N] [--allow-truncated] [--incremental]
 //	projector verify [--no-rebuild] [--wait D] [--max-diff N] [--allow-truncated] [--incremental]
+//	projector stuck [--queued-for D] [--building-for D] [--json] [--time-out]
 package main
 
 import (

@@ -91,6 +91,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return runRebuild(ctx, rest, getenv, stdout, stderr)
 	case "verify":
 		return runVerify(ctx, rest, getenv, stdout, stderr)
+	case "stuck":
+		return runStuck(ctx, rest, getenv, stdout, stderr, time.Now)
 	case "help", "-h", "--help":
 		fmt.Fprintln(stdout, usage)
 		return nil
@@ -111,6 +113,8 @@ commands:
                                         replay the stream into shadow tables and swap them in
   verify [--no-rebuild] [--wait D] [--max-diff N] [--allow-truncated] [--incremental]
                                         check constraints and that a rebuild equals the live model
+  stuck [--queued-for D] [--building-for D] [--json] [--time-out]
+                                        list builds whose worker stopped reporting; --time-out ends them
 run 'projector COMMAND -h' for a command's flags`
 
 func runProjector(ctx context.Context, args []string, getenv func(string) string, stderr io.Writer) error {
@@ -123,6 +127,9 @@ func runProjector(ctx context.Context, args []string, getenv func(string) string
 	}
 	fs.IntVar(&c.cfg.Replicas, "stream-replicas", replicas, "replicas of the stream the projector creates or updates (env BUILDS_STREAM_REPLICAS; 3 on a 3-node cluster)")
 	fs.DurationVar(&c.cfg.Linger, "linger", 0, "wait this long to fill a batch once a message is in hand")
+	fs.BoolVar(&c.cfg.TimeOutStuck, "time-out-stuck", false, "at every stuck check, publish a time-out completion for each stuck build (as 'projector stuck --time-out')")
+	stuckFlags(fs, &c.cfg.Stuck)
+	fs.DurationVar(&c.cfg.StuckEvery, "stuck-every", projector.DefaultStuckEvery, "count the stuck builds (gauge buildstate_builds_stuck) this often")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}

@@ -151,6 +151,11 @@ func TestRunEndToEnd(t *testing.T) {
 	if body := get(t, "http://"+addr+"/metrics"); !strings.Contains(body, "buildstate_events_applied_total 5") {
 		t.Errorf("/metrics lacks applied 5:\n%s", body)
 	}
+	// Present from the start, at zero: nothing here is old enough to be stuck.
+	if body := get(t, "http://"+addr+"/metrics"); !strings.Contains(body, `buildstate_builds_stuck{state="queued"} 0`) ||
+		!strings.Contains(body, `buildstate_builds_stuck{state="building"} 0`) {
+		t.Errorf("/metrics lacks the stuck gauge at zero:\n%s", body)
+	}
 }
 
 // httpAddr finds the listener address in the JSON start log line.

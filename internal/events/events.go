@@ -73,7 +73,8 @@ func (o Outcome) Valid() bool {
 
 // Data carries the kind-specific fields. Only the fields of the event's kind
 // are kept (queued: none; started: Framework; metrics_recorded: Framework,
-// NodeVersion, PackageManager, Attempt; completed: Outcome, DurationMS, Error).
+// NodeVersion, PackageManager, Attempt; completed: Outcome, DurationMS, Error,
+// TimedOut).
 type Data struct {
 	Framework      *string `json:"framework,omitempty"`
 	NodeVersion    *string `json:"node_version,omitempty"`
@@ -82,6 +83,10 @@ type Data struct {
 	Outcome        Outcome `json:"outcome,omitempty"`
 	DurationMS     *int64  `json:"duration_ms,omitempty"`
 	Error          *string `json:"error,omitempty"`
+	// TimedOut marks a completion published by a time-out (`projector stuck
+	// --time-out`), not by the build's worker: it loses to any completion
+	// without it (see fsm's winner rule).
+	TimedOut bool `json:"timed_out,omitempty"`
 }
 
 // Event is one build lifecycle event.
@@ -183,6 +188,9 @@ func (e Event) Digest() [32]byte {
 	field(string(d.Outcome))
 	num(d.DurationMS)
 	opt(d.Error)
+	if d.TimedOut { // only when set: the digests of events without it are unchanged
+		b = append(b, 't', 0xff)
+	}
 	return sha256.Sum256(b)
 }
 
@@ -194,7 +202,7 @@ func (d Data) only(k Kind) Data {
 	case KindMetricsRecorded:
 		return Data{Framework: d.Framework, NodeVersion: d.NodeVersion, PackageManager: d.PackageManager, Attempt: d.Attempt}
 	case KindCompleted:
-		return Data{Outcome: d.Outcome, DurationMS: d.DurationMS, Error: d.Error}
+		return Data{Outcome: d.Outcome, DurationMS: d.DurationMS, Error: d.Error, TimedOut: d.TimedOut}
 	}
 	return Data{}
 }

@@ -215,6 +215,9 @@ func Validate(ev Event, storedAt time.Time) error {
 }
 
 func validateData(kind Kind, d Data) error {
+	if d.TimedOut && kind != KindCompleted {
+		return invalid(ReasonInvalidData, "data.timed_out is only for build.completed")
+	}
 	switch kind {
 	case KindMetricsRecorded:
 		if d.Attempt != nil && *d.Attempt < 1 {
@@ -249,6 +252,7 @@ type dataFields struct {
 	Outcome        jsonString     `json:"outcome"`
 	DurationMS     jsonInt[int64] `json:"duration_ms"`
 	Error          jsonString     `json:"error"`
+	TimedOut       jsonBool       `json:"timed_out"`
 }
 
 // UnmarshalJSONFrom implements json.UnmarshalerFrom.
@@ -280,7 +284,7 @@ func (d *jsonData) of(kind Kind) (Data, error) {
 		err = typeError([]field{{"framework", &f.Framework}, {"node_version", &f.NodeVersion},
 			{"package_manager", &f.PackageManager}, {"attempt", &f.Attempt}})
 	case KindCompleted:
-		err = typeError([]field{{"outcome", &f.Outcome}, {"duration_ms", &f.DurationMS}, {"error", &f.Error}})
+		err = typeError([]field{{"outcome", &f.Outcome}, {"duration_ms", &f.DurationMS}, {"error", &f.Error}, {"timed_out", &f.TimedOut}})
 	}
 	if err != "" {
 		return Data{}, invalid(ReasonInvalidData, "data: %s", err)
@@ -303,7 +307,7 @@ func (d *jsonData) of(kind Kind) (Data, error) {
 				PackageManager: f.PackageManager.at(&v.packageManager), Attempt: f.Attempt.at(&v.attempt)}, nil
 		}
 	case KindCompleted:
-		out := Data{Outcome: Outcome(f.Outcome.v)}
+		out := Data{Outcome: Outcome(f.Outcome.v), TimedOut: f.TimedOut.v}
 		if f.DurationMS.set || f.Error.set {
 			v := &struct {
 				err        string

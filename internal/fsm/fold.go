@@ -31,10 +31,16 @@ type Step struct {
 	Data    events.Data
 }
 
-// beats is the contract's winner rule: the later occurred_at, ties to the greater id.
+// beats is the contract's winner rule: a step without data.timed_out beats
+// one with it (only completions carry it: a completion from the build's
+// worker, however late, ends a time-out), whatever their times; otherwise the
+// later occurred_at, ties to the greater id.
 func (s *Step) beats(o *Step) bool {
 	if o == nil {
 		return true
+	}
+	if s.Data.TimedOut != o.Data.TimedOut {
+		return o.Data.TimedOut
 	}
 	if !s.At.Equal(o.At) {
 		return s.At.After(o.At)

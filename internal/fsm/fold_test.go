@@ -207,3 +207,53 @@ func TestMergeReportsWins(t *testing.T) {
 		t.Errorf("winners = %s, %s; want a, b1-q", b.Started.EventID, b.Queued.EventID)
 	}
 }
+
+// TestWinnerRuleWithTimeOuts is the contract's winner rule for completions
+// with data.timed_out: such a completion loses to any without it, whatever
+// their times and ids; among completions of one kind (both time-outs, or
+// neither) the later occurred_at wins, ties to the greater id. Each pair is
+// merged in both orders: the winner does not depend on arrival.
+func TestWinnerRuleWithTimeOuts(t *testing.T) {
+	t.Parallel()
+	c := func(id string, sec int, timedOut bool) events.Event {
+		o := events.OutcomeSucceeded
+		if timedOut {
+			o = events.OutcomeFailed
+		}
+		return e(events.KindCompleted, "b1", id, sec, events.Data{Outcome: o, TimedOut: timedOut})
+	}
+	for _, tc := range []struct {
+		name string
+		a, b events.Event
+		want string // the winning id
+	}{
+		{"real later beats time-out", c("real", 20, false), c("timeout", 10, true), "real"},
+		{"real earlier beats time-out", c("real", 5, false), c("timeout", 10, true), "real"},
+		{"real with smaller id at the same time beats time-out", c("a", 10, false), c("z", 10, true), "a"},
+		{"two time-outs: the later", c("t1", 10, true), c("t2", 20, true), "t2"},
+		{"two time-outs at one time: the greater id", c("t2", 10, true), c("t1", 10, true), "t2"},
+		{"two real: the later", c("r1", 30, false), c("r2", 20, false), "r1"},
+		{"two real at one time: the greater id", c("r1", 10, false), c("r2", 10, false), "r2"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			for _, order := range [][2]events.Event{{tc.a, tc.b}, {tc.b, tc.a}} {
+				b := &fsm.Build{ID: "b1", ProjectID: "p"}
+				b.Merge(order[0])
+				b.Merge(order[1])
+				if got := b.Completed.EventID; got != tc.want {
+					t.Errorf("Merge(%s), Merge(%s): winner %s; want %s", order[0].ID, order[1].ID, got, tc.want)
+				}
+			}
+		})
+	}
+	// A build that timed out and then completed for real takes the real outcome.
+	b := &fsm.Build{ID: "b1", ProjectID: "p"}
+	for _, ev := range []events.Event{queued("b1", 0), started("b1", 1), c("timeout", 10800, true), c("real", 20000, false)} {
+		b.Merge(ev)
+	}
+	v := fsm.Derive("p", []*fsm.Build{b})
+	if v.Row == nil || v.Row.Status != fsm.StatusDeployed {
+		t.Errorf("Derive after a time-out and a late real completion = %+v; want deployed", v.Row)
+	}
+}

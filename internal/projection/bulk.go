@@ -350,13 +350,13 @@ func projectRows(rows []*fsm.Row, now time.Time) iter.Seq[[]any] {
 }
 
 var factsColumns = []string{"build_id", "kind", "project_id", "event_id", "occurred_at", "stream_seq",
-	"framework", "node_version", "package_manager", "attempt", "outcome", "duration_ms", "error"}
+	"framework", "node_version", "package_manager", "attempt", "outcome", "duration_ms", "error", "timed_out", "pending"}
 
 // factRows yields the winning steps of builds. (Values, not pointers to
 // them: pgx dereferences a pointer by reflection, which costs more.)
 func factRows(builds iter.Seq[*BulkBuild]) iter.Seq[[]any] {
 	return func(yield func([]any) bool) {
-		row := make([]any, 13)
+		row := make([]any, len(factsColumns))
 		for b := range builds {
 			for slot, k := range slotKinds {
 				st := *b.Step(k)
@@ -366,7 +366,8 @@ func factRows(builds iter.Seq[*BulkBuild]) iter.Seq[[]any] {
 				d := &st.Data
 				row[0], row[1], row[2], row[3], row[4], row[5] = b.ID, kindValues[slot], b.ProjectID, st.EventID, st.At, int64(b.Seqs[slot])
 				row[6], row[7], row[8], row[9] = d.Framework, d.NodeVersion, d.PackageManager, d.Attempt
-				row[10], row[11], row[12] = outcomeValue(d.Outcome), d.DurationMS, d.Error
+				row[10], row[11], row[12], row[13] = outcomeValue(d.Outcome), d.DurationMS, d.Error, d.TimedOut
+				row[14] = pending(&b.Build, k)
 				if !yield(row) {
 					return
 				}

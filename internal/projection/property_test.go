@@ -86,7 +86,8 @@ type genConfig struct {
 	maxBuilds int // builds per project: 1..maxBuilds
 }
 
-// generator makes histories with every irregularity the rules must handle:
+// generator makes histories with every irregularity the rules must handle
+// (time-out completions too, see timeOut):
 // builds without queued (requested at start), without start, invisible ones
 // (metrics or completion only), without metrics, unfinished, completion
 // before start (skew), metrics before start, overlapping builds, builds
@@ -167,6 +168,17 @@ func (g *generator) data(k events.Kind) events.Data {
 	return d
 }
 
+// timeOut is a time-out completion of build at at.
+func (g *generator) timeOut(project, build string, at time.Time) events.Event {
+	ev := events.New(events.KindCompleted, project, build, at, events.Data{
+		Outcome:  []events.Outcome{events.OutcomeFailed, events.OutcomeCanceled}[g.rng.IntN(2)],
+		Error:    pickStr(g, "timed out: no completion 3h after start", "timed out: no start 1h after queued"),
+		TimedOut: true,
+	})
+	ev.ID = g.id("")
+	return ev
+}
+
 func (g *generator) event(k events.Kind, project, build string, at time.Time) events.Event {
 	ev := events.New(k, project, build, at, g.data(k))
 	ev.ID = g.id("")
@@ -230,6 +242,18 @@ func (g *generator) history(prefix string, cfg genConfig) []events.Event {
 					out = append(out, g.event(st.k, project, build, st.at))
 				}
 			}
+			// Time-outs (projector stuck --time-out): a completion with
+			// timed_out, before or after the real one if any, sometimes two
+			// (from two limits) or two at one instant.
+			if g.chance(0.2) {
+				for range 1 + g.rng.IntN(2) {
+					tAt := sAt.Add(g.micros(-10*time.Minute, 30*time.Minute))
+					out = append(out, g.timeOut(project, build, tAt))
+					if g.chance(0.1) {
+						out = append(out, g.timeOut(project, build, tAt))
+					}
+				}
+			}
 		}
 	}
 	return out
@@ -267,15 +291,23 @@ type modelBuild struct {
 }
 
 // later is §2's winner rule: the later occurred_at; ties to the greater id.
+// Issue 9 §3 comes first: a completion with timed_out loses to one without
+// it, whatever their times.
 func later(a, b events.Event) bool {
+	if a.Data.TimedOut && !b.Data.TimedOut {
+		return false
+	}
+	if b.Data.TimedOut && !a.Data.TimedOut {
+		return true
+	}
 	if a.OccurredAt.Equal(b.OccurredAt) {
 		return a.ID > b.ID
 	}
 	return a.OccurredAt.After(b.OccurredAt)
 }
 
-// model computes the rows §2 says the events give, by brute force.
-func model(evs []events.Event) (map[string]projection.ProjectRow, map[string]projection.MetricsRow) {
+// modelBuilds is every build with its winning events.
+func modelBuilds(evs []events.Event) map[string]*modelBuild {
 	type key struct {
 		build string
 		kind  events.Kind
@@ -306,7 +338,28 @@ func model(evs []events.Event) (map[string]projection.ProjectRow, map[string]pro
 			b.c = &ev
 		}
 	}
+	return builds
+}
 
+// modelStuck is every build still waiting on its worker, by build id:
+// queued with no start or completion, or started with no completion.
+func modelStuck(evs []events.Event) map[string]projection.StuckBuild {
+	out := map[string]projection.StuckBuild{}
+	for id, b := range modelBuilds(evs) {
+		switch {
+		case b.c != nil:
+		case b.s != nil:
+			out[id] = projection.StuckBuild{BuildID: id, ProjectID: b.project, State: "building", Since: b.s.OccurredAt}
+		case b.q != nil:
+			out[id] = projection.StuckBuild{BuildID: id, ProjectID: b.project, State: "queued", Since: b.q.OccurredAt}
+		}
+	}
+	return out
+}
+
+// model computes the rows §2 says the events give, by brute force.
+func model(evs []events.Event) (map[string]projection.ProjectRow, map[string]projection.MetricsRow) {
+	builds := modelBuilds(evs)
 	metrics := map[string]projection.MetricsRow{}
 	byProject := map[string][]*modelBuild{}
 	for _, b := range builds {
@@ -531,6 +584,28 @@ func checkAgainstModel(t *testing.T, s *projection.Store, evs []events.Event) {
 		t.Errorf("read model differs from the model of §2 (%d projects, %d metrics rows expected):\n  %s",
 			len(wantP), len(wantM), strings.Join(d, "\n  "))
 	}
+	// Every open build, whatever its age, is listed by Stuck (through the
+	// pending marks the store keeps).
+	far := time.Now().Add(24 * time.Hour)
+	stuck, err := s.Stuck(context.Background(), far, far)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := modelStuck(evs)
+	var diffs []string
+	for _, b := range stuck {
+		w, ok := want[b.BuildID]
+		if !ok || w.ProjectID != b.ProjectID || w.State != b.State || !w.Since.Equal(b.Since) {
+			diffs = append(diffs, fmt.Sprintf("Stuck lists %+v; model: %+v (listed %v)", b, w, ok))
+		}
+		delete(want, b.BuildID)
+	}
+	for _, w := range want {
+		diffs = append(diffs, fmt.Sprintf("Stuck does not list %+v", w))
+	}
+	if len(diffs) > 0 {
+		t.Errorf("stuck builds differ from the model (%d differences):\n  %s", len(diffs), strings.Join(diffs[:min(len(diffs), 20)], "\n  "))
+	}
 }
 
 // applyAll applies the messages in the given batches and sums the results.
@@ -565,7 +640,8 @@ func TestModelByHand(t *testing.T) {
 		ev(events.KindStarted, "b1", "2", 10, events.Data{Framework: str("nextjs")}),
 		ev(events.KindMetricsRecorded, "b1", "3", 20, events.Data{}),
 		ev(events.KindCompleted, "b1", "4", 5, events.Data{Outcome: events.OutcomeFailed}),
-		ev(events.KindCompleted, "b1", "5", 5, events.Data{Outcome: events.OutcomeSucceeded}), // tie, greater id
+		ev(events.KindCompleted, "b1", "5", 5, events.Data{Outcome: events.OutcomeSucceeded}),                 // tie, greater id
+		ev(events.KindCompleted, "b1", "9", 50, events.Data{Outcome: events.OutcomeCanceled, TimedOut: true}), // a time-out loses, though later
 		ev(events.KindQueued, "b2", "6", 30, events.Data{}),
 		ev(events.KindMetricsRecorded, "b3", "7", 99, events.Data{}), // invisible
 	}

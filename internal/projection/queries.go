@@ -188,3 +188,52 @@ func (s *Store) Retry(ctx context.Context, f DeadLetterFilter) (Result, error) {
 		}
 	}
 }
+
+// StuckBuild is a build whose worker has not reported for too long.
+type StuckBuild struct {
+	BuildID   string    `json:"build_id"`
+	ProjectID string    `json:"project_id"`
+	State     string    `json:"state"` // StuckQueued or StuckBuilding
+	Since     time.Time `json:"since"` // occurred_at of the build's queued or started event
+}
+
+// The states of a StuckBuild.
+const (
+	StuckQueued   = "queued"   // queued, no start, no completion
+	StuckBuilding = "building" // started, no completion
+)
+
+// stuckSQL reads the stuck builds from projector_facts, the only table that
+// knows of a queued build with no start (it has no metrics row, and the
+// projects row shows the newest build only). It reads the pending facts
+// alone (a queued or started fact whose build has no completion: pending,
+// migration 004) through the partial index projector_facts_pending_idx,
+// which holds nothing else, so the work is proportional to the builds still
+// open, not to the history; a queued fact's "no start" is one probe of the
+// primary key (build_id, kind).
+const stuckSQL = `
+SELECT f.build_id, f.project_id, CASE f.kind WHEN 'queued' THEN 'queued' ELSE 'building' END, f.occurred_at
+FROM projector_facts f
+WHERE f.pending
+  AND ((f.kind = 'started' AND f.occurred_at <= $2)
+    OR (f.kind = 'queued' AND f.occurred_at <= $1
+        AND NOT EXISTS (SELECT 1 FROM projector_facts s WHERE s.build_id = f.build_id AND s.kind = 'started')))
+ORDER BY f.occurred_at, f.build_id`
+
+// Stuck lists the builds queued at or before queuedBefore that have no start,
+// and those started at or before startedBefore that have no completion,
+// oldest first.
+func (s *Store) Stuck(ctx context.Context, queuedBefore, startedBefore time.Time) ([]StuckBuild, error) {
+	rows, err := s.pool.Query(ctx, stuckSQL, queuedBefore, startedBefore)
+	if err != nil {
+		return nil, fmt.Errorf("read stuck builds: %w", err)
+	}
+	out, err := pgx.CollectRows(rows, pgx.RowToStructByPos[StuckBuild])
+	if err != nil {
+		return nil, fmt.Errorf("read stuck builds: %w", err)
+	}
+	for i := range out {
+		out[i].Since = out[i].Since.UTC()
+	}
+	return out, nil
+}

@@ -579,7 +579,7 @@ type factRow struct {
 }
 
 const factColumns = `f.build_id, f.kind, f.project_id, f.event_id, f.occurred_at,
-       f.framework, f.node_version, f.package_manager, f.attempt, f.outcome, f.duration_ms, f.error`
+       f.framework, f.node_version, f.package_manager, f.attempt, f.outcome, f.duration_ms, f.error, f.timed_out`
 
 // loadViewSQL loads what a batch needs: the facts of its own builds ($1) and
 // of the role holders of its projects ($2), each by primary key. A fact
@@ -733,7 +733,7 @@ func scanFacts(rows pgx.Rows) (map[string]map[string]*fsm.Build, error) {
 	var d events.Data
 	var outcome *string
 	_, err := pgx.ForEachRow(rows, []any{&buildID, &kind, &projectID, &eventID, &at,
-		&d.Framework, &d.NodeVersion, &d.PackageManager, &d.Attempt, &outcome, &d.DurationMS, &d.Error}, func() error {
+		&d.Framework, &d.NodeVersion, &d.PackageManager, &d.Attempt, &outcome, &d.DurationMS, &d.Error, &d.TimedOut}, func() error {
 		builds := out[projectID]
 		if builds == nil {
 			builds = map[string]*fsm.Build{}

@@ -8,6 +8,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/buildstate/buildstate/internal/events"
 	"github.com/buildstate/buildstate/internal/fsm"
 )
 
@@ -15,17 +16,32 @@ import (
 // letters, then every plan's phase 1, metrics rows, phase 2. Each plan's own
 // actions are already in that order, so grouping them by kind keeps it.
 
+// upsertFactsSQL writes the facts the fold (fsm's winner rule) decided win
+// over the stored ones, which it read under the projects' advisory locks:
+// the statement does not decide again, so the rule has one place.
 const upsertFactsSQL = `
 INSERT INTO projector_facts (build_id, kind, project_id, event_id, occurred_at, stream_seq,
-    framework, node_version, package_manager, attempt, outcome, duration_ms, error)
+    framework, node_version, package_manager, attempt, outcome, duration_ms, error, timed_out, pending)
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::bigint[],
-    $7::text[], $8::text[], $9::text[], $10::bigint[], $11::text[], $12::bigint[], $13::text[])
+    $7::text[], $8::text[], $9::text[], $10::bigint[], $11::text[], $12::bigint[], $13::text[], $14::bool[], $15::bool[])
 ON CONFLICT (build_id, kind) DO UPDATE
 SET event_id = excluded.event_id, occurred_at = excluded.occurred_at, stream_seq = excluded.stream_seq,
     framework = excluded.framework, node_version = excluded.node_version,
     package_manager = excluded.package_manager, attempt = excluded.attempt, outcome = excluded.outcome,
-    duration_ms = excluded.duration_ms, error = excluded.error
-WHERE (excluded.occurred_at, excluded.event_id COLLATE "C") > (projector_facts.occurred_at, projector_facts.event_id COLLATE "C")`
+    duration_ms = excluded.duration_ms, error = excluded.error, timed_out = excluded.timed_out,
+    pending = excluded.pending`
+
+// closeFactsSQL clears the pending mark of the queued and started facts of
+// builds that now have a completion.
+const closeFactsSQL = `UPDATE projector_facts SET pending = false WHERE build_id = ANY($1::text[]) AND pending`
+
+// pending is projector_facts.pending of build b's fact of kind k: true on a
+// queued or started fact while the build has no completion. The stuck
+// builds are read from these facts alone (Store.Stuck), through the partial
+// index projector_facts_pending_idx that holds only them.
+func pending(b *fsm.Build, k events.Kind) bool {
+	return (k == events.KindQueued || k == events.KindStarted) && b.Completed == nil
+}
 
 func queueFacts(b *pgx.Batch, facts []factRow) {
 	if len(facts) == 0 {
@@ -37,18 +53,27 @@ func queueFacts(b *pgx.Batch, facts []factRow) {
 	frameworks, nodes, managers, errs := make([]*string, n), make([]*string, n), make([]*string, n), make([]*string, n)
 	attempts, durations := make([]*int64, n), make([]*int64, n)
 	outcomes := make([]*string, n)
+	timedOut, open := make([]bool, n), make([]bool, n)
+	var closed []string // builds with a new winning completion
 	for i, f := range facts {
 		d := f.step.Data
 		builds[i], kinds[i], projects[i], ids[i] = f.build.ID, string(f.kind), f.project, f.step.EventID
 		ats[i], seqs[i] = f.step.At, int64(f.seq)
 		frameworks[i], nodes[i], managers[i], errs[i] = d.Framework, d.NodeVersion, d.PackageManager, d.Error
-		attempts[i], durations[i] = d.Attempt, d.DurationMS
+		attempts[i], durations[i], timedOut[i] = d.Attempt, d.DurationMS, d.TimedOut
+		open[i] = pending(f.build, f.kind)
+		if f.kind == events.KindCompleted {
+			closed = append(closed, f.build.ID)
+		}
 		if d.Outcome != "" {
 			o := string(d.Outcome)
 			outcomes[i] = &o
 		}
 	}
-	b.Queue(upsertFactsSQL, builds, kinds, projects, ids, ats, seqs, frameworks, nodes, managers, attempts, outcomes, durations, errs)
+	b.Queue(upsertFactsSQL, builds, kinds, projects, ids, ats, seqs, frameworks, nodes, managers, attempts, outcomes, durations, errs, timedOut, open)
+	if len(closed) > 0 {
+		b.Queue(closeFactsSQL, closed)
+	}
 }
 
 const upsertRolesSQL = `

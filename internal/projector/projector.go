@@ -18,6 +18,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"go.uber.org/zap"
 
+	"github.com/buildstate/buildstate/emitter"
 	"github.com/buildstate/buildstate/internal/natsjs"
 	"github.com/buildstate/buildstate/internal/projection"
 )
@@ -33,7 +34,14 @@ type Config struct {
 	HTTPAddr    string // "" serves no HTTP
 	BatchSize   int
 	Linger      time.Duration
-	Logger      *zap.Logger
+	// Stuck are the limits of the buildstate_builds_stuck gauge and of the
+	// time-outs; StuckEvery is how often they are checked (default a minute).
+	Stuck      StuckLimits
+	StuckEvery time.Duration
+	// TimeOutStuck publishes a time-out completion for each stuck build
+	// (PublishTimeOuts) at every check.
+	TimeOutStuck bool
+	Logger       *zap.Logger
 	// Ready, if set, is called with the HTTP listener's address once the
 	// projector is consuming (tests use it).
 	Ready func(httpAddr string)
@@ -51,6 +59,12 @@ func (c *Config) defaults() {
 	}
 	if c.BatchSize <= 0 {
 		c.BatchSize = 1000
+	}
+	if c.Stuck == (StuckLimits{}) {
+		c.Stuck = DefaultStuckLimits
+	}
+	if c.StuckEvery <= 0 {
+		c.StuckEvery = DefaultStuckEvery
 	}
 	if c.Logger == nil {
 		c.Logger = zap.NewNop()
@@ -120,6 +134,9 @@ func ConnectNATS(url, name string, log *zap.Logger) (*nats.Conn, error) {
 func Run(ctx context.Context, cfg Config) error {
 	cfg.defaults()
 	log := cfg.Logger
+	if err := cfg.Stuck.Check(); err != nil {
+		return err
+	}
 	pool, err := OpenPool(ctx, cfg.DatabaseURL)
 	if err != nil {
 		return err
@@ -178,9 +195,15 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	wg.Add(1)
 	go func() { defer wg.Done(); watchLag(bg, cons, tel, log) }()
+	var timeOuts *emitter.Publisher
+	if cfg.TimeOutStuck {
+		timeOuts = emitter.New(js, emitter.Options{Prefix: cfg.Prefix, Logger: log})
+	}
+	wg.Add(1)
+	go func() { defer wg.Done(); watchStuck(bg, store, timeOuts, cfg.Stuck, cfg.StuckEvery, tel, log) }()
 
 	log.Info("projector consuming", zap.String("stream", cfg.Stream), zap.String("durable", cfg.Durable),
-		zap.String("http", httpAddr), zap.Int("batch", cfg.BatchSize))
+		zap.String("http", httpAddr), zap.Int("batch", cfg.BatchSize), zap.Bool("time_out_stuck", cfg.TimeOutStuck))
 	if cfg.Ready != nil {
 		cfg.Ready(httpAddr)
 	}

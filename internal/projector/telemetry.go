@@ -3,6 +3,8 @@ package projector
 import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/buildstate/buildstate/internal/projection"
 )
 
 // Telemetry is the projector's Prometheus metrics.
@@ -14,6 +16,7 @@ type Telemetry struct {
 	Lag          prometheus.Gauge
 	Retries      *prometheus.CounterVec
 	Batches      prometheus.Histogram
+	Stuck        *prometheus.GaugeVec
 }
 
 // NewTelemetry registers the metrics on a fresh registry (with the Go and
@@ -39,8 +42,15 @@ func NewTelemetry() *Telemetry {
 		Batches: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name: "buildstate_batch_seconds", Help: "Time to apply one batch.", Buckets: prometheus.ExponentialBuckets(0.001, 2, 14),
 		}),
+		Stuck: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "buildstate_builds_stuck",
+			Help: "Builds waiting on a worker past the limits (state queued: no start; building: no completion), counted every minute.",
+		}, []string{"state"}),
 	}
-	t.Registry.MustRegister(t.Applied, t.DeadLettered, t.Duplicates, t.Lag, t.Retries, t.Batches,
+	for _, state := range []string{projection.StuckQueued, projection.StuckBuilding} {
+		t.Stuck.WithLabelValues(state).Set(0) // present from the start
+	}
+	t.Registry.MustRegister(t.Applied, t.DeadLettered, t.Duplicates, t.Lag, t.Retries, t.Batches, t.Stuck,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return t
 }
