@@ -46,11 +46,24 @@ type Result struct {
 	Applied      int // events that were new and valid
 	Duplicates   int // events whose id was already applied (same content)
 	DeadLettered int // messages kept as dead letters
+	Dropped      int // optional measurements left out of applied events (events.Decode)
+
+	drops []droppedField // the Dropped ones, reported once the batch is committed
 }
 
-// Observer hears about write retries (for metrics).
+// droppedField is an optional measurement left out of an applied event.
+type droppedField struct {
+	msg  Message
+	id   string
+	drop events.Drop
+}
+
+// Observer hears about write retries and dropped fields (for metrics).
 type Observer interface {
 	WriteRetried(sqlstate, constraint string)
+	// FieldDropped hears of each optional measurement (data.<field>) left
+	// out of an applied event because its value was out of range.
+	FieldDropped(field string)
 }
 
 // Options configure a Store.
@@ -115,6 +128,7 @@ func (s *Store) apply(ctx context.Context, msgs []Message, b batch) (Result, err
 	for attempt := 1; ; attempt++ {
 		res, err = s.applyOnce(ctx, b)
 		if err == nil {
+			s.reportDropped(res.drops)
 			return res, nil
 		}
 		var pgErr *pgconn.PgError
@@ -136,6 +150,20 @@ func (s *Store) apply(ctx context.Context, msgs []Message, b batch) (Result, err
 			return Result{}, ctx.Err()
 		case <-time.After(wait):
 		}
+	}
+}
+
+// reportDropped counts and logs the measurements left out of the events a
+// committed batch applied: once per applied event (a duplicate, or a batch
+// that did not commit, reports nothing).
+func (s *Store) reportDropped(drops []droppedField) {
+	for _, d := range drops {
+		if s.opts.Observer != nil {
+			s.opts.Observer.FieldDropped(d.drop.Field)
+		}
+		s.opts.Logger.Warn("optional measurement out of range left out of the event",
+			zap.String("id", d.id), zap.String("field", "data."+d.drop.Field), zap.Int64("value", d.drop.Value),
+			zap.String("subject", d.msg.Subject), zap.Uint64("seq", d.msg.Seq))
 	}
 }
 
@@ -280,6 +308,12 @@ func (s *Store) applyRound(ctx context.Context, tx pgx.Tx, cands []candidate, b 
 	}
 	res.Applied += len(fresh)
 	res.DeadLettered += len(dead)
+	for _, c := range fresh {
+		for _, d := range c.ev.Dropped {
+			res.drops = append(res.drops, droppedField{msg: c.msg, id: c.ev.ID, drop: d})
+		}
+	}
+	res.Dropped = len(res.drops)
 
 	dec, err := decide(ctx, st.facts, fresh, func(ctx context.Context, projects []string) (map[string]map[string]*fsm.Build, error) {
 		rows, _ := tx.Query(ctx, loadProjectsSQL, projects)

@@ -3,6 +3,8 @@ package projector
 import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/buildstate/buildstate/internal/events"
 )
 
 // Telemetry is the projector's Prometheus metrics.
@@ -14,6 +16,7 @@ type Telemetry struct {
 	Lag          prometheus.Gauge
 	Retries      *prometheus.CounterVec
 	Batches      prometheus.Histogram
+	Dropped      *prometheus.CounterVec
 }
 
 // NewTelemetry registers the metrics on a fresh registry (with the Go and
@@ -39,10 +42,22 @@ func NewTelemetry() *Telemetry {
 		Batches: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name: "buildstate_batch_seconds", Help: "Time to apply one batch.", Buckets: prometheus.ExponentialBuckets(0.001, 2, 14),
 		}),
+		Dropped: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "buildstate_fields_dropped_total",
+			Help: "Optional measurements (data.<field>) left out of applied events because their values were out of range; the events applied without them.",
+		}, []string{"field"}),
 	}
-	t.Registry.MustRegister(t.Applied, t.DeadLettered, t.Duplicates, t.Lag, t.Retries, t.Batches,
+	for _, f := range events.Measurements() {
+		t.Dropped.WithLabelValues(f) // every field from zero, not from its first drop
+	}
+	t.Registry.MustRegister(t.Applied, t.DeadLettered, t.Duplicates, t.Lag, t.Retries, t.Batches, t.Dropped,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return t
+}
+
+// FieldDropped counts a measurement left out of an applied event (projection.Observer).
+func (t *Telemetry) FieldDropped(field string) {
+	t.Dropped.WithLabelValues(field).Inc()
 }
 
 // WriteRetried counts a retried write (projection.Observer).
