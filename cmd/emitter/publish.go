@@ -126,7 +126,10 @@ func parseData(kind events.Kind, s string) (events.Data, error) {
 			return d, fmt.Errorf("--data: %q is not a field of %s (it takes %s)", name, kind.Type(), want)
 		}
 	}
-	if err := json.Unmarshal([]byte(s), &d); err != nil {
+	// The values as the contract reads them (61000.0 is an integer);
+	// buildEvent's Validate then checks their ranges.
+	d, err := events.DecodeData(kind, []byte(s))
+	if err != nil {
 		return d, fmt.Errorf("--data: %w", err)
 	}
 	return d, nil

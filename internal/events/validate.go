@@ -342,6 +342,17 @@ func ParseTime(s string) (time.Time, bool) {
 	return t, err == nil
 }
 
+// DecodeData reads a data object of kind as Decode reads a body's data
+// member (JSON types, integers by their value, fields of other kinds and
+// unknown ones ignored; null is {}). It checks no range: Validate does.
+func DecodeData(kind Kind, raw []byte) (Data, error) {
+	var d jsonData
+	if err := json.Unmarshal(raw, &d, decodeOptions); err != nil {
+		return Data{}, invalid(ReasonMalformedJSON, "data: %v", err)
+	}
+	return d.of(kind)
+}
+
 // jsonData is the data member: an object of kind-specific fields, absent,
 // or null (both read as {}). A repeated data member counts by its last
 // occurrence only, as a whole.
