@@ -127,6 +127,8 @@ func TestPublishRefusesInvalidInput(t *testing.T) {
 		{[]string{"--type", "queued", "--project", "p.1", "--build", "b-1"}, "invalid event: invalid_project_id"},
 		{[]string{"--type", "queued", "--project", "p-1", "--build", strings.Repeat("b", 200)}, "invalid event: invalid_build_id"},
 		{[]string{"--type", "queued", "--project", "p-1", "--build", "b-1", "--at", "yesterday"}, `--at "yesterday" is not an RFC 3339 time`},
+		{[]string{"--type", "queued", "--project", "p-1", "--build", "b-1", "--at", "2016-12-31T23:59:60Z"},
+			`--at "2016-12-31T23:59:60Z" is not an RFC 3339 time`}, // a leap second, as occurred_at refuses it
 		{[]string{"--type", "queued", "--project", "p-1", "--build", "b-1", "--at", time.Now().Add(2 * time.Hour).Format(time.RFC3339)},
 			"invalid event: occurred_in_future"},
 		{[]string{"--type", "completed", "--project", "p-1", "--build", "b-1"}, "invalid event: invalid_data: data.outcome"},

@@ -88,8 +88,8 @@ func buildEvent(typ, project, build, at, data, id string) (events.Event, error) 
 	}
 	when := time.Now()
 	if at != "" {
-		var err error
-		if when, err = time.Parse(time.RFC3339Nano, at); err != nil {
+		var ok bool
+		if when, ok = events.ParseTime(at); !ok { // occurred_at's own rule
 			return events.Event{}, fmt.Errorf("--at %q is not an RFC 3339 time like 2026-11-26T20:00:00Z", at)
 		}
 	}
