@@ -145,6 +145,10 @@ func TestPublishRefusesInvalidInput(t *testing.T) {
 			return p.MetricsRecorded(ctx, "p-1", "b-1", now, Metrics{Attempt: -1})
 		}, events.ReasonInvalidData},
 		{"no outcome", func() (uint64, error) { return p.Completed(ctx, "p-1", "b-1", now, Completion{}) }, events.ReasonInvalidData},
+		{"NUL in framework", func() (uint64, error) { return p.Started(ctx, "p-1", "b-1", now, "next\x00js") }, events.ReasonInvalidData},
+		{"NUL in error", func() (uint64, error) {
+			return p.Completed(ctx, "p-1", "b-1", now, Completion{Outcome: events.OutcomeFailed, Error: "exit\x001"})
+		}, events.ReasonInvalidData},
 		{"unknown outcome", func() (uint64, error) {
 			return p.Completed(ctx, "p-1", "b-1", now, Completion{Outcome: "deployed"})
 		}, events.ReasonInvalidData},

@@ -38,9 +38,12 @@ type ErrorResponse struct {
 //	GET /healthz     200 while the process serves.
 //	GET /readyz      200 while connected to NATS, else 503.
 //
-// The body is read with events.Decode, the projector's rules. Its subject
-// is built from the event, so it always matches. The event published is its
-// canonical encoding (unknown fields dropped).
+// The body is read with events.DecodeStrict, the projector's rules read as a
+// publisher must keep them: an optional measurement out of range (attempt 0,
+// a negative duration_ms), which the projector would drop, is refused here.
+// Its subject is built from the event, so it always matches. The event
+// published is its canonical encoding (unknown fields dropped, integers such
+// as 61000.0 written 61000).
 //
 // A body without "id" (absent or null) gets a fresh ULID, returned in the
 // response: convenient for curl, but a client that retries a POST must send
@@ -96,7 +99,7 @@ func NewHandler(p *Publisher, log *zap.Logger) http.Handler {
 
 // decodeIngest decodes an ingested body, giving it a fresh id if it has none.
 func decodeIngest(body []byte) (events.Event, error) {
-	ev, err := events.Decode("", "", body, time.Time{})
+	ev, err := events.DecodeStrict("", "", body, time.Time{})
 	if events.ReasonOf(err) != events.ReasonInvalidID {
 		return ev, err
 	}
@@ -113,7 +116,7 @@ func decodeIngest(body []byte) (events.Event, error) {
 	if merr != nil {
 		return ev, err
 	}
-	return events.Decode("", "", withID, time.Time{})
+	return events.DecodeStrict("", "", withID, time.Time{})
 }
 
 func writeJSON(w http.ResponseWriter, status int, v any) {

@@ -40,6 +40,25 @@ func TestIngest(t *testing.T) {
 		return `{"spec_version":1,"type":"build.started","project_id":"p-42","build_id":"b-9001","occurred_at":"` + at + `"` + fields + `}`
 	}
 
+	completed := func(data string) string {
+		return strings.Replace(event(`,"id":"x","data":{`+data+`}`), "build.started", "build.completed", 1)
+	}
+	metrics := func(data string) string {
+		return strings.Replace(event(`,"id":"x","data":{`+data+`}`), "build.started", "build.metrics_recorded", 1)
+	}
+
+	t.Run("integral floats are integers", func(t *testing.T) {
+		body := strings.Replace(completed(`"outcome":"failed","duration_ms":61000.0`), `"id":"x"`, `"id":"e-float"`, 1)
+		code, got := post(t, srv.URL, body)
+		if code != http.StatusAccepted {
+			t.Fatalf("POST %s = %d %v; want 202", body, code, got)
+		}
+		m, ev := stored(t, s, uint64(got["seq"].(float64)))
+		if ev.Data.DurationMS == nil || *ev.Data.DurationMS != 61000 || !strings.Contains(string(m.Data), `"duration_ms":61000}`) {
+			t.Errorf("stored %s; want duration_ms 61000, written as an integer", m.Data)
+		}
+	})
+
 	t.Run("accepted", func(t *testing.T) {
 		code, got := post(t, srv.URL, event(`,"id":"e-1","data":{"framework":"nextjs"},"unknown":true`))
 		if code != http.StatusAccepted || got["id"] != "e-1" {
@@ -94,6 +113,13 @@ func TestIngest(t *testing.T) {
 		{"no outcome", strings.Replace(event(`,"id":"x"`), "build.started", "build.completed", 1), events.ReasonInvalidData},
 		{"wrong data type", event(`,"id":"x","data":{"framework":7}`), events.ReasonInvalidData},
 		{"not UTF-8", event(`,"id":"x","data":{"framework":"` + "\xff" + `"}`), events.ReasonNotUTF8},
+		{"NUL in framework", event(`,"id":"x","data":{"framework":"next\u0000js"}`), events.ReasonInvalidData},
+		// What the projector would drop, a publisher may not send.
+		{"negative duration", completed(`"outcome":"failed","duration_ms":-1500`), events.ReasonInvalidData},
+		{"negative integral-float duration", completed(`"outcome":"failed","duration_ms":-1500.0`), events.ReasonInvalidData},
+		{"attempt 0", metrics(`"attempt":0`), events.ReasonInvalidData},
+		{"attempt 1.5", metrics(`"attempt":1.5`), events.ReasonInvalidData},
+		{"attempt 1e400", metrics(`"attempt":1e400`), events.ReasonInvalidData},
 	}
 	for _, tt := range invalid {
 		t.Run(tt.name, func(t *testing.T) {

@@ -8,3 +8,8 @@ import "embed"
 //
 //go:embed *.sql
 var Migrations embed.FS
+
+// EventV1 is the JSON Schema (2020-12) of an event body, spec version 1.
+//
+//go:embed event.v1.schema.json
+var EventV1 []byte

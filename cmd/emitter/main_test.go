@@ -77,9 +77,10 @@ func TestPublish(t *testing.T) {
 			"3", "builds.p-1.metrics_recorded", `{"framework":"nextjs","node_version":"22.11.0","package_manager":"pnpm","attempt":1}`},
 		{[]string{"--type", "completed", "--project", "p-1", "--build", "b-1", "--id", "e-done",
 			"--data", `{"outcome":"succeeded","duration_ms":61000}`}, "4", "builds.p-1.completed", `{"outcome":"succeeded","duration_ms":61000}`},
-		// The same id again: JetStream keeps the first copy, whose sequence is printed.
+		// The same id again, its integer written as Python would: JetStream
+		// keeps the first copy, whose sequence is printed.
 		{[]string{"--type", "completed", "--project", "p-1", "--build", "b-1", "--id", "e-done",
-			"--data", `{"outcome":"succeeded","duration_ms":61000}`}, "4", "builds.p-1.completed", `{"outcome":"succeeded","duration_ms":61000}`},
+			"--data", `{"outcome":"succeeded","duration_ms":61000.0}`}, "4", "builds.p-1.completed", `{"outcome":"succeeded","duration_ms":61000}`},
 	}
 	for _, tt := range tests {
 		name := strings.Join(tt.args, " ")
@@ -126,11 +127,20 @@ func TestPublishRefusesInvalidInput(t *testing.T) {
 		{[]string{"--type", "queued", "--project", "p.1", "--build", "b-1"}, "invalid event: invalid_project_id"},
 		{[]string{"--type", "queued", "--project", "p-1", "--build", strings.Repeat("b", 200)}, "invalid event: invalid_build_id"},
 		{[]string{"--type", "queued", "--project", "p-1", "--build", "b-1", "--at", "yesterday"}, `--at "yesterday" is not an RFC 3339 time`},
+		{[]string{"--type", "queued", "--project", "p-1", "--build", "b-1", "--at", "2016-12-31T23:59:60Z"},
+			`--at "2016-12-31T23:59:60Z" is not an RFC 3339 time`}, // a leap second, as occurred_at refuses it
 		{[]string{"--type", "queued", "--project", "p-1", "--build", "b-1", "--at", time.Now().Add(2 * time.Hour).Format(time.RFC3339)},
 			"invalid event: occurred_in_future"},
 		{[]string{"--type", "completed", "--project", "p-1", "--build", "b-1"}, "invalid event: invalid_data: data.outcome"},
 		{[]string{"--type", "completed", "--project", "p-1", "--build", "b-1", "--data", `{"outcome":"deployed"}`}, "invalid event: invalid_data"},
-		{[]string{"--type", "completed", "--project", "p-1", "--build", "b-1", "--data", `{"outcome":1}`}, "--data: json"},
+		{[]string{"--type", "completed", "--project", "p-1", "--build", "b-1", "--data", `{"outcome":1}`},
+			"--data: invalid_data: data: field outcome: json: cannot unmarshal number"},
+		{[]string{"--type", "completed", "--project", "p-1", "--build", "b-1", "--data", `{"outcome":"failed","duration_ms":-5}`},
+			"invalid event: invalid_data: data.duration_ms is -5; it must not be negative"},
+		{[]string{"--type", "completed", "--project", "p-1", "--build", "b-1", "--data", `{"outcome":"failed","duration_ms":1.5}`},
+			"--data: invalid_data: data: field duration_ms: number 1.5 is not an integer"},
+		{[]string{"--type", "started", "--project", "p-1", "--build", "b-1", "--data", `{"framework":"a\u0000"}`},
+			"invalid event: invalid_data: data.framework contains U+0000"},
 		{[]string{"--type", "started", "--project", "p-1", "--build", "b-1", "--data", `{"framwork":"vite"}`},
 			`--data: "framwork" is not a field of build.started (it takes only framework)`},
 		{[]string{"--type", "queued", "--project", "p-1", "--build", "b-1", "--data", `{"framework":"vite"}`},

@@ -88,8 +88,8 @@ func buildEvent(typ, project, build, at, data, id string) (events.Event, error) 
 	}
 	when := time.Now()
 	if at != "" {
-		var err error
-		if when, err = time.Parse(time.RFC3339Nano, at); err != nil {
+		var ok bool
+		if when, ok = events.ParseTime(at); !ok { // occurred_at's own rule
 			return events.Event{}, fmt.Errorf("--at %q is not an RFC 3339 time like 2026-11-26T20:00:00Z", at)
 		}
 	}
@@ -126,7 +126,10 @@ func parseData(kind events.Kind, s string) (events.Data, error) {
 			return d, fmt.Errorf("--data: %q is not a field of %s (it takes %s)", name, kind.Type(), want)
 		}
 	}
-	if err := json.Unmarshal([]byte(s), &d); err != nil {
+	// The values as the contract reads them (61000.0 is an integer);
+	// buildEvent's Validate then checks their ranges.
+	d, err := events.DecodeData(kind, []byte(s))
+	if err != nil {
 		return d, fmt.Errorf("--data: %w", err)
 	}
 	return d, nil

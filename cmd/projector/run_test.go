@@ -148,13 +148,110 @@ func TestRunEndToEnd(t *testing.T) {
 			t.Errorf("GET %s = %q; want it to contain %q", path, body, want)
 		}
 	}
-	if body := get(t, "http://"+addr+"/metrics"); !strings.Contains(body, "buildstate_events_applied_total 5") {
+	body := get(t, "http://"+addr+"/metrics")
+	if !strings.Contains(body, "buildstate_events_applied_total 5") {
 		t.Errorf("/metrics lacks applied 5:\n%s", body)
 	}
 	// Present from the start, at zero: nothing here is old enough to be stuck.
 	if body := get(t, "http://"+addr+"/metrics"); !strings.Contains(body, `buildstate_builds_stuck{state="queued"} 0`) ||
 		!strings.Contains(body, `buildstate_builds_stuck{state="building"} 0`) {
 		t.Errorf("/metrics lacks the stuck gauge at zero:\n%s", body)
+	}
+	for _, want := range []string{`buildstate_fields_dropped_total{field="attempt"} 0`, `buildstate_fields_dropped_total{field="duration_ms"} 0`} {
+		if !strings.Contains(body, want) { // there from the start, at zero
+			t.Errorf("/metrics lacks %s:\n%s", want, body)
+		}
+	}
+}
+
+// A skewed completion with a negative duration_ms, and a metrics event with
+// attempt 0, spelled as Python writes numbers: both steps apply, the
+// measurements are NULL, counted and logged once each; a repeat of the
+// completion is a duplicate and counted again by nothing.
+func TestRunDropsOutOfRangeMeasurements(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	t0 := time.Now().Add(-10 * time.Minute).UTC()
+	at := func(d time.Duration) string { return t0.Add(d).Format(time.RFC3339Nano) }
+	raw := func(subject, body string) {
+		t.Helper()
+		if _, err := e.js.Publish(context.Background(), subject, []byte(body)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	head := `{"spec_version": 1.0, "project_id": "p-3", "build_id": "b-3", `
+	raw("builds.p-3.queued", head+`"id": "q-3", "type": "build.queued", "occurred_at": "`+at(0)+`"}`)
+	raw("builds.p-3.started", head+`"id": "s-3", "type": "build.started", "occurred_at": "`+at(2*time.Second)+`"}`)
+	raw("builds.p-3.metrics_recorded", head+`"id": "m-3", "type": "build.metrics_recorded", "occurred_at": "`+at(3*time.Second)+
+		`", "data": {"attempt": 0.0, "node_version": "22.11.0"}}`)
+	completed := head + `"id": "c-3", "type": "build.completed", "occurred_at": "` + at(time.Second) +
+		`", "data": {"outcome": "failed", "duration_ms": -1000.0, "error": "exit 1"}}`
+	raw("builds.p-3.completed", completed)
+	raw("builds.p-3.completed", completed)
+
+	ctx, cancel := context.WithCancel(context.Background())
+	logs := &testenv.SyncBuffer{}
+	done := make(chan error, 1)
+	go func() { done <- run(ctx, []string{"projector", "run"}, e.getenv, io.Discard, logs) }()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("run = %v; want nil after stop\n%s", err, logs.String())
+		}
+	}()
+	var status struct {
+		Project struct {
+			BuildStatus string `json:"build_status"`
+		} `json:"project"`
+		Builds []struct {
+			BuildID     string  `json:"build_id"`
+			Status      string  `json:"status"`
+			DurationMS  *int64  `json:"duration_ms"`
+			Attempt     *int64  `json:"attempt"`
+			NodeVersion *string `json:"node_version"`
+			Error       *string `json:"error"`
+		} `json:"recent_builds"`
+	}
+	addr := ""
+	for deadline := time.Now().Add(20 * time.Second); ; {
+		if addr == "" && strings.Contains(logs.String(), `"projector consuming"`) {
+			addr = httpAddr(t, logs.String())
+		}
+		if addr != "" && strings.Contains(get(t, "http://"+addr+"/metrics"), "buildstate_events_duplicates_total 1") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the five messages were not all handled\nlogs:\n%s", logs.String())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if err := json.Unmarshal([]byte(cli(t, e, "status", "p-3", "--json")), &status); err != nil {
+		t.Fatal(err)
+	}
+	if status.Project.BuildStatus != "failed" || len(status.Builds) != 1 {
+		t.Fatalf("status p-3 = %+v; want failed with one build", status)
+	}
+	b := status.Builds[0]
+	if b.Status != "failed" || b.DurationMS != nil || b.Attempt != nil || b.NodeVersion == nil || *b.NodeVersion != "22.11.0" ||
+		b.Error == nil || *b.Error != "exit 1" {
+		t.Errorf("build b-3 = %+v; want failed, duration_ms and attempt NULL, node 22.11.0, error exit 1", b)
+	}
+	body := get(t, "http://"+addr+"/metrics")
+	for _, want := range []string{`buildstate_fields_dropped_total{field="attempt"} 1`, `buildstate_fields_dropped_total{field="duration_ms"} 1`,
+		"buildstate_events_applied_total 4", "buildstate_events_dead_lettered_total 0"} {
+		if !strings.Contains(body, want) {
+			t.Errorf("/metrics lacks %s:\n%s", want, body)
+		}
+	}
+	warned := map[string]string{}
+	for _, line := range strings.Split(logs.String(), "\n") {
+		var m map[string]any
+		if json.Unmarshal([]byte(line), &m) == nil && m["level"] == "warn" && m["field"] != nil {
+			warned[fmt.Sprint(m["id"])] += fmt.Sprintf("%v=%v;", m["field"], m["value"])
+		}
+	}
+	if want := map[string]string{"m-3": "data.attempt=0;", "c-3": "data.duration_ms=-1000;"}; fmt.Sprint(warned) != fmt.Sprint(want) {
+		t.Errorf("warnings with a field = %v; want %v (once per event)\nlogs:\n%s", warned, want, logs.String())
 	}
 }
 

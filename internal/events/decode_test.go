@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"maps"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -182,6 +183,36 @@ func TestDecode(t *testing.T) {
 		{name: "body exactly 64 KiB", subject: started, body: padded(t, events.MaxBodySize)},
 		{name: "attempt 1", subject: subject(events.KindMetricsRecorded),
 			body: kindBody(t, events.KindMetricsRecorded, map[string]any{"attempt": 1})},
+		// Integral numbers in any spelling are integers.
+		{name: "attempt 1.0", subject: subject(events.KindMetricsRecorded),
+			body: []byte(strings.Replace(string(kindBody(t, events.KindMetricsRecorded, map[string]any{"attempt": 7})), "7", "1.0", 1)),
+			check: func(t *testing.T, ev events.Event) {
+				if ev.Data.Attempt == nil || *ev.Data.Attempt != 1 {
+					t.Errorf("Data.Attempt = %v; want 1", ev.Data.Attempt)
+				}
+			}},
+		{name: "duration_ms 61000.0 and 6.1e4", subject: subject(events.KindCompleted),
+			body: []byte(`{"spec_version":1.0,"id":"e","type":"build.completed","project_id":"p-42","build_id":"b",` +
+				`"occurred_at":"2026-11-26T20:00:00Z","data":{"outcome":"failed","duration_ms":61000.0,"duration_ms":6.1e4}}`),
+			check: func(t *testing.T, ev events.Event) {
+				if ev.Data.DurationMS == nil || *ev.Data.DurationMS != 61000 {
+					t.Errorf("Data.DurationMS = %v; want 61000", ev.Data.DurationMS)
+				}
+			}},
+		{name: "duration_ms 1E3", subject: subject(events.KindCompleted),
+			body: []byte(`{"spec_version":1,"id":"e","type":"build.completed","project_id":"p-42","build_id":"b",` +
+				`"occurred_at":"2026-11-26T20:00:00Z","data":{"outcome":"failed","duration_ms":1E3}}`),
+			check: func(t *testing.T, ev events.Event) {
+				if ev.Data.DurationMS == nil || *ev.Data.DurationMS != 1000 {
+					t.Errorf("Data.DurationMS = %v; want 1000", ev.Data.DurationMS)
+				}
+			}},
+		{name: "occurred_at in lower case", subject: started,
+			body:  body(t, map[string]any{"occurred_at": "2026-11-26t20:00:00.25z"}),
+			check: wantAt(time.Date(2026, 11, 26, 20, 0, 0, 250e6, time.UTC))},
+		{name: "occurred_at with 12 fraction digits", subject: started,
+			body:  body(t, map[string]any{"occurred_at": "2026-11-26T20:00:00.123456789999-00:00"}),
+			check: wantAt(time.Date(2026, 11, 26, 20, 0, 0, 123456e3, time.UTC))},
 
 		// One case per rule of the contract.
 		{name: "body over 64 KiB", subject: started, body: padded(t, events.MaxBodySize+1), want: events.ReasonBodyTooLarge},
@@ -241,12 +272,45 @@ func TestDecode(t *testing.T) {
 		{name: "data array", subject: started, body: body(t, map[string]any{"data": []string{}}), want: events.ReasonInvalidData},
 		{name: "framework not a string", subject: started, body: body(t, map[string]any{"data": map[string]any{"framework": 1}}),
 			want: events.ReasonInvalidData},
-		{name: "attempt 0", subject: subject(events.KindMetricsRecorded),
-			body: kindBody(t, events.KindMetricsRecorded, map[string]any{"attempt": 0}), want: events.ReasonInvalidData},
-		{name: "attempt negative", subject: subject(events.KindMetricsRecorded),
-			body: kindBody(t, events.KindMetricsRecorded, map[string]any{"attempt": -1}), want: events.ReasonInvalidData},
+		{name: "attempt 0 dropped", subject: subject(events.KindMetricsRecorded),
+			body:  kindBody(t, events.KindMetricsRecorded, map[string]any{"attempt": 0, "framework": "vite"}),
+			check: wantDropped(events.Drop{Field: "attempt", Value: 0})},
+		{name: "attempt negative dropped", subject: subject(events.KindMetricsRecorded),
+			body:  kindBody(t, events.KindMetricsRecorded, map[string]any{"attempt": -1}),
+			check: wantDropped(events.Drop{Field: "attempt", Value: -1})},
 		{name: "attempt not an integer", subject: subject(events.KindMetricsRecorded),
 			body: kindBody(t, events.KindMetricsRecorded, map[string]any{"attempt": 1.5}), want: events.ReasonInvalidData},
+		{name: "attempt beyond int64", subject: subject(events.KindMetricsRecorded),
+			body: []byte(strings.Replace(string(kindBody(t, events.KindMetricsRecorded, map[string]any{"attempt": 7})), "7", "9223372036854775808", 1)),
+			want: events.ReasonInvalidData},
+		{name: "attempt 1e400", subject: subject(events.KindMetricsRecorded),
+			body: []byte(strings.Replace(string(kindBody(t, events.KindMetricsRecorded, map[string]any{"attempt": 7})), "7", "1e400", 1)),
+			want: events.ReasonInvalidData},
+		{name: "NUL in framework", subject: started, body: body(t, map[string]any{"data": map[string]any{"framework": "next\x00js"}}),
+			want: events.ReasonInvalidData},
+		{name: "NUL in node_version", subject: subject(events.KindMetricsRecorded),
+			body: kindBody(t, events.KindMetricsRecorded, map[string]any{"node_version": "\x00"}), want: events.ReasonInvalidData},
+		{name: "NUL in package_manager", subject: subject(events.KindMetricsRecorded),
+			body: kindBody(t, events.KindMetricsRecorded, map[string]any{"package_manager": "pnpm\x00"}), want: events.ReasonInvalidData},
+		{name: "NUL in framework of metrics", subject: subject(events.KindMetricsRecorded),
+			body: kindBody(t, events.KindMetricsRecorded, map[string]any{"framework": "a\x00"}), want: events.ReasonInvalidData},
+		{name: "NUL in error", subject: subject(events.KindCompleted),
+			body: kindBody(t, events.KindCompleted, map[string]any{"outcome": "failed", "error": "exit\x001"}), want: events.ReasonInvalidData},
+		{name: "NUL in build_id", subject: started, body: body(t, map[string]any{"build_id": "b\x00"}), want: events.ReasonInvalidBuildID},
+		{name: "NUL in project_id", subject: started, body: body(t, map[string]any{"project_id": "p-42\x00"}),
+			want: events.ReasonInvalidProjectID},
+		{name: "NUL in type", subject: started, body: body(t, map[string]any{"type": "build.started\x00"}), want: events.ReasonUnknownType},
+		{name: "NUL in subject's project", subject: "builds.p-42\x00.started", body: body(t, nil), want: events.ReasonSubjectMismatch},
+		{name: "occurred_at with a comma before the fraction", subject: started,
+			body: body(t, map[string]any{"occurred_at": "2026-11-26T20:00:00,5Z"}), want: events.ReasonInvalidOccurredAt},
+		{name: "occurred_at with a one-digit hour", subject: started,
+			body: body(t, map[string]any{"occurred_at": "2026-11-26T2:00:00Z"}), want: events.ReasonInvalidOccurredAt},
+		{name: "occurred_at with offset +24:00", subject: started,
+			body: body(t, map[string]any{"occurred_at": "2026-11-26T20:00:00+24:00"}), want: events.ReasonInvalidOccurredAt},
+		{name: "occurred_at with a leap second", subject: started,
+			body: body(t, map[string]any{"occurred_at": "2016-12-31T23:59:60Z"}), want: events.ReasonInvalidOccurredAt},
+		{name: "occurred_at with a dot and no digits", subject: started,
+			body: body(t, map[string]any{"occurred_at": "2026-11-26T20:00:00.Z"}), want: events.ReasonInvalidOccurredAt},
 		{name: "outcome missing", subject: subject(events.KindCompleted),
 			body: kindBody(t, events.KindCompleted, map[string]any{"duration_ms": 5}), want: events.ReasonInvalidData},
 		{name: "completed without data", subject: subject(events.KindCompleted),
@@ -255,9 +319,12 @@ func TestDecode(t *testing.T) {
 			body: kindBody(t, events.KindCompleted, map[string]any{"outcome": "deployed"}), want: events.ReasonInvalidData},
 		{name: "outcome wrong case", subject: subject(events.KindCompleted),
 			body: kindBody(t, events.KindCompleted, map[string]any{"outcome": "Succeeded"}), want: events.ReasonInvalidData},
-		// Beyond §1's text: the code also refuses a negative duration.
-		{name: "duration_ms negative", subject: subject(events.KindCompleted),
-			body: kindBody(t, events.KindCompleted, map[string]any{"outcome": "failed", "duration_ms": -1}), want: events.ReasonInvalidData},
+		// A negative duration (producer clock skew) is left out; the step applies.
+		{name: "duration_ms negative dropped", subject: subject(events.KindCompleted),
+			body:  kindBody(t, events.KindCompleted, map[string]any{"outcome": "failed", "duration_ms": -1}),
+			check: wantDropped(events.Drop{Field: "duration_ms", Value: -1})},
+		{name: "duration_ms not an integer", subject: subject(events.KindCompleted),
+			body: kindBody(t, events.KindCompleted, map[string]any{"outcome": "failed", "duration_ms": 0.5}), want: events.ReasonInvalidData},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -270,7 +337,7 @@ func TestDecode(t *testing.T) {
 				t.Fatalf("Decode(%q, %.200q) reason = %q (err %v); want %q", tt.subject, tt.body, got, err, tt.want)
 			}
 			if tt.want != "" {
-				if ev != (events.Event{}) {
+				if !reflect.DeepEqual(ev, events.Event{}) {
 					t.Errorf("Decode refused the body but returned %+v; want the zero Event", ev)
 				}
 				return
@@ -279,6 +346,31 @@ func TestDecode(t *testing.T) {
 				tt.check(t, ev)
 			}
 		})
+	}
+}
+
+// wantDropped checks that Decode left out exactly the measurements want
+// (and kept the event), and that DecodeStrict refuses the same body.
+func wantDropped(want ...events.Drop) func(*testing.T, events.Event) {
+	return func(t *testing.T, ev events.Event) {
+		t.Helper()
+		if !reflect.DeepEqual(ev.Dropped, want) {
+			t.Errorf("Dropped = %+v; want %+v", ev.Dropped, want)
+		}
+		if ev.Data.Attempt != nil || ev.Data.DurationMS != nil {
+			t.Errorf("Data = %+v; want the dropped measurements nil", ev.Data)
+		}
+		if err := events.Validate(ev, storedAt); err != nil {
+			t.Errorf("Validate(the decoded event) = %v; want nil", err)
+		}
+		body, err := ev.Marshal()
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, err = events.DecodeStrict("builds", "", body, storedAt)
+		if err != nil {
+			t.Errorf("DecodeStrict(Marshal(ev)) = %v; want the event without the dropped fields", err)
+		}
 	}
 }
 
@@ -339,6 +431,10 @@ func TestValidate(t *testing.T) {
 			events.ReasonOccurredInFuture},
 		{"attempt 0", func(ev *events.Event) { ev.Data.Attempt = ptr(int64(0)) }, events.ReasonInvalidData},
 		{"attempt absent", func(ev *events.Event) { ev.Data.Attempt = nil }, ""},
+		{"NUL in framework", func(ev *events.Event) { ev.Data.Framework = ptr("a\x00") }, events.ReasonInvalidData},
+		{"NUL in node_version", func(ev *events.Event) { ev.Data.NodeVersion = ptr("\x00") }, events.ReasonInvalidData},
+		{"NUL in package_manager", func(ev *events.Event) { ev.Data.PackageManager = ptr("x\x00y") }, events.ReasonInvalidData},
+		{"NUL in error of another kind ignored", func(ev *events.Event) { ev.Data.Error = ptr("\x00") }, ""},
 		{"completed without outcome", func(ev *events.Event) { ev.Type = events.KindCompleted.Type(); ev.Data = events.Data{} },
 			events.ReasonInvalidData},
 		{"completed with outcome", func(ev *events.Event) {
@@ -507,5 +603,32 @@ func TestDecodeKeysAreCaseSensitive(t *testing.T) {
 		`"project_id":"p-1","build_id":"b-1","occurred_at":"2026-11-26T20:00:00Z"}`), time.Time{})
 	if got := events.ReasonOf(err); got != events.ReasonSpecVersion {
 		t.Errorf("Decode with SPEC_VERSION only = %v; want %s", err, events.ReasonSpecVersion)
+	}
+}
+
+// DecodeStrict is the publisher's reading: what Decode drops, it refuses.
+func TestDecodeStrict(t *testing.T) {
+	t.Parallel()
+	for _, tt := range []struct {
+		name string
+		body []byte
+		want events.Reason
+	}{
+		{"attempt 0", kindBody(t, events.KindMetricsRecorded, map[string]any{"attempt": 0}), events.ReasonInvalidData},
+		{"attempt -3", kindBody(t, events.KindMetricsRecorded, map[string]any{"attempt": -3}), events.ReasonInvalidData},
+		{"duration_ms -1", kindBody(t, events.KindCompleted, map[string]any{"outcome": "failed", "duration_ms": -1}),
+			events.ReasonInvalidData},
+		{"attempt 1", kindBody(t, events.KindMetricsRecorded, map[string]any{"attempt": 1}), ""},
+		{"duration_ms 0", kindBody(t, events.KindCompleted, map[string]any{"outcome": "failed", "duration_ms": 0}), ""},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			ev, err := events.DecodeStrict("builds", "", tt.body, storedAt)
+			if got := events.ReasonOf(err); got != tt.want {
+				t.Fatalf("DecodeStrict(%s) reason = %q (err %v); want %q", tt.body, got, err, tt.want)
+			}
+			if err == nil && len(ev.Dropped) > 0 {
+				t.Errorf("DecodeStrict(%s) dropped %+v; want nothing dropped", tt.body, ev.Dropped)
+			}
+		})
 	}
 }

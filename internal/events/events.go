@@ -98,6 +98,18 @@ type Event struct {
 	BuildID     string    `json:"build_id"`
 	OccurredAt  time.Time `json:"occurred_at"`
 	Data        Data      `json:"data"`
+
+	// Dropped lists the optional measurements Decode left out of Data
+	// because their values were out of the contract's range. It is not
+	// part of the event's content: Marshal and Digest leave it out.
+	Dropped []Drop `json:"-"`
+}
+
+// Drop is an optional measurement left out of an event: the field's JSON
+// name (data.<Field>) and the value it had.
+type Drop struct {
+	Field string
+	Value int64
 }
 
 // Kind is the event's kind, derived from Type ("" if Type is unknown).

@@ -1,9 +1,13 @@
 package events
 
 // The implementation of Decode, Validate, ParseSubject and Digest before the
-// single-pass decoder (encoding/json v1, one Unmarshal per field), kept
-// unchanged as the reference the differential tests (oracle_test.go)
-// compare the current code with.
+// single-pass decoder (encoding/json v1, one Unmarshal per field), kept as
+// the reference the differential tests (oracle_test.go) compare the current
+// code with. It is unchanged but for the contract's amendments of issue 9,
+// each marked "issue 9" and written independently of the code under test:
+// integral numbers such as 1.0 are integers (big.Float here), RFC 3339 is
+// read strictly (a regular expression here), NUL in a data string is
+// invalid, and the tolerant reading drops optional measurements out of range.
 
 import (
 	"bytes"
@@ -11,6 +15,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math/big"
 	"regexp"
 	"strconv"
 	"strings"
@@ -86,7 +91,7 @@ type wireV1 struct {
 // Decode reads one message body published on subject (under prefix) and
 // applies every rule of the contract that needs no history. storedAt is when
 // the log stored the message (the zero time means now).
-func decodeV1(prefix, subject string, body []byte, storedAt time.Time) (Event, error) {
+func decodeV1(prefix, subject string, body []byte, storedAt time.Time, tolerant bool) (Event, error) {
 	if len(body) > MaxBodySize {
 		return Event{}, invalid(ReasonBodyTooLarge, "body is %d bytes; the limit is %d", len(body), MaxBodySize)
 	}
@@ -120,8 +125,8 @@ func decodeV1(prefix, subject string, body []byte, storedAt time.Time) (Event, e
 	if w.OccurredAt == nil {
 		return Event{}, invalid(ReasonInvalidOccurredAt, "occurred_at is missing")
 	}
-	at, err := time.Parse(time.RFC3339Nano, *w.OccurredAt)
-	if err != nil {
+	at, ok := parseTimeV1(*w.OccurredAt)
+	if !ok {
 		return Event{}, invalid(ReasonInvalidOccurredAt, "occurred_at %q is not RFC 3339", *w.OccurredAt)
 	}
 	ev.OccurredAt = at.UTC().Truncate(time.Microsecond)
@@ -130,6 +135,15 @@ func decodeV1(prefix, subject string, body []byte, storedAt time.Time) (Event, e
 		return Event{}, err
 	}
 	ev.Data = data
+	// issue 9: the tolerant reading leaves an out-of-range measurement out.
+	if tolerant && kind == KindMetricsRecorded && data.Attempt != nil && *data.Attempt < 1 {
+		ev.Dropped = append(ev.Dropped, Drop{"attempt", *data.Attempt})
+		ev.Data.Attempt = nil
+	}
+	if tolerant && kind == KindCompleted && data.DurationMS != nil && *data.DurationMS < 0 {
+		ev.Dropped = append(ev.Dropped, Drop{"duration_ms", *data.DurationMS})
+		ev.Data.DurationMS = nil
+	}
 	if err := validateV1(ev, storedAt); err != nil {
 		return Event{}, err
 	}
@@ -197,7 +211,85 @@ func validateDataV1(kind Kind, d Data) error {
 			return invalid(ReasonInvalidData, "data.duration_ms is %d; it must not be negative", *d.DurationMS)
 		}
 	}
+	// issue 9: NUL, which a Postgres text column cannot hold.
+	var strs [][2]string
+	add := func(name string, v *string) {
+		if v != nil {
+			strs = append(strs, [2]string{name, *v})
+		}
+	}
+	switch kind {
+	case KindStarted:
+		add("framework", d.Framework)
+	case KindMetricsRecorded:
+		add("framework", d.Framework)
+		add("node_version", d.NodeVersion)
+		add("package_manager", d.PackageManager)
+	case KindCompleted:
+		add("error", d.Error)
+	}
+	for _, f := range strs {
+		if strings.ContainsRune(f[1], 0) {
+			return invalid(ReasonInvalidData, "data.%s contains U+0000 (NUL), which the read model cannot store", f[0])
+		}
+	}
 	return nil
+}
+
+// rfc3339V1 is RFC 3339's date-time (section 5.6), in either case.
+var rfc3339V1 = regexp.MustCompile(`^(\d{4})-(\d\d)-(\d\d)[Tt](\d\d):(\d\d):(\d\d)(\.\d+)?(?:[Zz]|([+-])(\d\d):(\d\d))$`)
+
+// parseTimeV1 (issue 9) reads RFC 3339 strictly, no leap second.
+func parseTimeV1(s string) (time.Time, bool) {
+	m := rfc3339V1.FindStringSubmatch(s)
+	if m == nil {
+		return time.Time{}, false
+	}
+	n := make([]int, 0, 8)
+	for _, i := range []int{1, 2, 3, 4, 5, 6, 9, 10} {
+		v, _ := strconv.Atoi(m[i])
+		n = append(n, v)
+	}
+	year, month, day, hour, minute, sec, zh, zm := n[0], n[1], n[2], n[3], n[4], n[5], n[6], n[7]
+	if month < 1 || month > 12 || hour > 23 || minute > 59 || sec > 59 || zh > 23 || zm > 59 {
+		return time.Time{}, false
+	}
+	if day < 1 || day > time.Date(year, time.Month(month)+1, 0, 0, 0, 0, 0, time.UTC).Day() {
+		return time.Time{}, false
+	}
+	nsec := 0
+	if m[7] != "" {
+		f := (m[7][1:] + "000000000")[:9]
+		nsec, _ = strconv.Atoi(f)
+	}
+	offset := (zh*60 + zm) * 60
+	if m[8] == "-" {
+		offset = -offset
+	}
+	return time.Date(year, time.Month(month), day, hour, minute, sec, nsec, time.FixedZone("", offset)), true
+}
+
+// integerV1 (issue 9) reads a JSON number into an integer by its value.
+func integerV1(lit string) (int64, string) {
+	f, _, err := big.ParseFloat(lit, 10, uint(4*len(lit)+64), big.ToNearestEven)
+	msg := ""
+	switch {
+	case err != nil && strings.Contains(strings.ToLower(lit), "e-"):
+		msg = "is not an integer"
+	case err != nil:
+		msg = "is out of range: integers are from -9223372036854775808 to 9223372036854775807"
+	case !f.IsInt():
+		msg = "is not an integer"
+	default:
+		if i, acc := f.Int64(); acc == big.Exact {
+			return i, ""
+		}
+		msg = "is out of range: integers are from -9223372036854775808 to 9223372036854775807"
+	}
+	if len(lit) > 40 {
+		lit = fmt.Sprintf("%s… (%d characters)", lit[:40], len(lit))
+	}
+	return 0, "number " + lit + " " + msg
 }
 
 // decodeDataV1 reads only the fields of kind; other fields are ignored, as the
@@ -248,11 +340,34 @@ func exactFieldsV1(obj []byte, fields map[string]any) error {
 		if !ok {
 			continue
 		}
+		// issue 9: a number read into an integer counts by its value.
+		var num json.Number
+		_, isInt64 := dst.(**int64)
+		_, isInt := dst.(**int)
+		if (isInt64 || isInt) && isNumberV1(raw) && json.Unmarshal(raw, &num) == nil {
+			i, msg := integerV1(string(num))
+			if msg != "" {
+				return fmt.Errorf("field %s: %s", name, msg)
+			}
+			if isInt64 {
+				*dst.(**int64) = &i
+			} else {
+				v := int(i)
+				*dst.(**int) = &v
+			}
+			continue
+		}
 		if err := json.Unmarshal(raw, dst); err != nil {
 			return fmt.Errorf("field %s: %w", name, err)
 		}
 	}
 	return nil
+}
+
+// isNumberV1 reports whether the JSON value raw is a number.
+func isNumberV1(raw []byte) bool {
+	raw = bytes.TrimSpace(raw)
+	return len(raw) > 0 && (raw[0] == '-' || '0' <= raw[0] && raw[0] <= '9')
 }
 
 func printableV1(s string) bool {

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 	"unicode"
@@ -110,9 +111,24 @@ var wires = sync.Pool{New: func() any { return new(wire) }}
 var decodeOptions = json.JoinOptions(jsontext.AllowDuplicateNames(true), jsontext.AllowInvalidUTF8(true))
 
 // Decode reads one message body published on subject (under prefix) and
-// applies every rule of the contract that needs no history. storedAt is when
-// the log stored the message (the zero time means now).
+// applies every rule of the contract that needs no history: the consumer's
+// reading. storedAt is when the log stored the message (the zero time means
+// now). It is tolerant of an optional measurement out of range (see
+// measurements): the value is left out of Data and listed in Event.Dropped,
+// and the event is valid without it.
 func Decode(prefix, subject string, body []byte, storedAt time.Time) (Event, error) {
+	return decode(prefix, subject, body, storedAt, true)
+}
+
+// DecodeStrict is Decode with the publisher's reading (Validate's): an
+// optional measurement out of range makes the event invalid_data. A body
+// that DecodeStrict accepts, Decode accepts as the same event, with nothing
+// dropped.
+func DecodeStrict(prefix, subject string, body []byte, storedAt time.Time) (Event, error) {
+	return decode(prefix, subject, body, storedAt, false)
+}
+
+func decode(prefix, subject string, body []byte, storedAt time.Time, tolerant bool) (Event, error) {
 	if len(body) > MaxBodySize {
 		return Event{}, invalid(ReasonBodyTooLarge, "body is %d bytes; the limit is %d", len(body), MaxBodySize)
 	}
@@ -151,8 +167,8 @@ func Decode(prefix, subject string, body []byte, storedAt time.Time) (Event, err
 	if !w.OccurredAt.set {
 		return Event{}, invalid(ReasonInvalidOccurredAt, "occurred_at is missing")
 	}
-	at, err := time.Parse(time.RFC3339Nano, w.OccurredAt.v)
-	if err != nil {
+	at, ok := ParseTime(w.OccurredAt.v)
+	if !ok {
 		return Event{}, invalid(ReasonInvalidOccurredAt, "occurred_at %q is not RFC 3339", w.OccurredAt.v)
 	}
 	ev.OccurredAt = at.UTC().Truncate(time.Microsecond)
@@ -161,6 +177,9 @@ func Decode(prefix, subject string, body []byte, storedAt time.Time) (Event, err
 		return Event{}, err
 	}
 	ev.Data = data
+	if tolerant {
+		ev.Data, ev.Dropped = dropOutOfRange(kind, data)
+	}
 	if err := Validate(ev, storedAt); err != nil {
 		return Event{}, err
 	}
@@ -218,20 +237,126 @@ func validateData(kind Kind, d Data) error {
 	if d.TimedOut && kind != KindCompleted {
 		return invalid(ReasonInvalidData, "data.timed_out is only for build.completed")
 	}
-	switch kind {
-	case KindMetricsRecorded:
-		if d.Attempt != nil && *d.Attempt < 1 {
-			return invalid(ReasonInvalidData, "data.attempt is %d; it must be at least 1", *d.Attempt)
+	if kind == KindCompleted && !d.Outcome.Valid() {
+		return invalid(ReasonInvalidData, "data.outcome %q must be succeeded, failed or canceled", d.Outcome)
+	}
+	for _, m := range measurements {
+		if v := *m.of(&d); m.kind == kind && v != nil && *v < m.min {
+			return invalid(ReasonInvalidData, "data.%s is %d; %s", m.name, *v, m.rule)
 		}
-	case KindCompleted:
-		if !d.Outcome.Valid() {
-			return invalid(ReasonInvalidData, "data.outcome %q must be succeeded, failed or canceled", d.Outcome)
-		}
-		if d.DurationMS != nil && *d.DurationMS < 0 {
-			return invalid(ReasonInvalidData, "data.duration_ms is %d; it must not be negative", *d.DurationMS)
+	}
+	d = d.only(kind)
+	for _, f := range []struct {
+		name string
+		v    *string
+	}{{"framework", d.Framework}, {"node_version", d.NodeVersion}, {"package_manager", d.PackageManager}, {"error", d.Error}} {
+		if f.v != nil && strings.IndexByte(*f.v, 0) >= 0 {
+			return invalid(ReasonInvalidData, "data.%s contains U+0000 (NUL), which the read model cannot store", f.name)
 		}
 	}
 	return nil
+}
+
+// measurements are the optional numbers of Data and the range the contract
+// gives each: the one place these ranges are stated. A publisher must keep
+// to them (Validate, DecodeStrict refuse a value out of range); a consumer
+// (Decode) leaves such a value out of the event, which applies without it.
+var measurements = []struct {
+	kind Kind
+	name string // the JSON name, also Drop.Field
+	min  int64
+	rule string // the range, for the message
+	of   func(*Data) **int64
+}{
+	{KindMetricsRecorded, "attempt", 1, "it must be at least 1", func(d *Data) **int64 { return &d.Attempt }},
+	{KindCompleted, "duration_ms", 0, "it must not be negative", func(d *Data) **int64 { return &d.DurationMS }},
+}
+
+// Measurements lists the JSON names of the optional measurements Decode may
+// drop (for metrics that count them per field).
+func Measurements() []string {
+	names := make([]string, len(measurements))
+	for i, m := range measurements {
+		names[i] = m.name
+	}
+	return names
+}
+
+// dropOutOfRange returns d without the measurements of kind that are out
+// of range, and what it left out.
+func dropOutOfRange(kind Kind, d Data) (Data, []Drop) {
+	var dropped []Drop
+	for _, m := range measurements {
+		if p := m.of(&d); m.kind == kind && *p != nil && **p < m.min {
+			dropped = append(dropped, Drop{Field: m.name, Value: **p})
+			*p = nil
+		}
+	}
+	return d, dropped
+}
+
+// ParseTime reads an RFC 3339 date-time (section 5.6): date, "T", time,
+// offset. As RFC 3339 allows, "t" and "z" may be lower case; the fraction of
+// a second may have any number of digits; the offset is "Z" or ±hh:mm with
+// hh 00-23 and mm 00-59. A leap second (second 60) is refused: Go's time
+// has none. Anything else time.Parse would take (a comma before the
+// fraction, a one-digit hour, offset +24:00) is refused too.
+func ParseTime(s string) (time.Time, bool) {
+	digits := func(i, j int) bool {
+		for ; i < j; i++ {
+			if s[i] < '0' || s[i] > '9' {
+				return false
+			}
+		}
+		return true
+	}
+	const prefix = len("2006-01-02T15:04:05")
+	if len(s) < prefix+1 || !digits(0, 4) || s[4] != '-' || !digits(5, 7) || s[7] != '-' || !digits(8, 10) ||
+		s[10] != 'T' && s[10] != 't' || !digits(11, 13) || s[13] != ':' || !digits(14, 16) || s[16] != ':' || !digits(17, 19) {
+		return time.Time{}, false
+	}
+	i := prefix
+	if s[i] == '.' {
+		j := i + 1
+		for j < len(s) && '0' <= s[j] && s[j] <= '9' {
+			j++
+		}
+		if j == i+1 {
+			return time.Time{}, false
+		}
+		i = j
+	}
+	switch zone := s[i:]; {
+	case zone == "Z" || zone == "z":
+	case len(zone) == len("+07:00") && (zone[0] == '+' || zone[0] == '-') && zone[3] == ':' &&
+		digits(i+1, i+3) && digits(i+4, i+6) && zone[1:3] <= "23" && zone[4:6] <= "59":
+	default:
+		return time.Time{}, false
+	}
+	// The shape is RFC 3339's; time.Parse checks the ranges (month, day of
+	// that month, hour, minute, second).
+	norm := s
+	if s[10] == 't' || s[len(s)-1] == 'z' {
+		b := []byte(s)
+		b[10] = 'T'
+		if b[len(b)-1] == 'z' {
+			b[len(b)-1] = 'Z'
+		}
+		norm = string(b)
+	}
+	t, err := time.Parse(time.RFC3339Nano, norm)
+	return t, err == nil
+}
+
+// DecodeData reads a data object of kind as Decode reads a body's data
+// member (JSON types, integers by their value, fields of other kinds and
+// unknown ones ignored; null is {}). It checks no range: Validate does.
+func DecodeData(kind Kind, raw []byte) (Data, error) {
+	var d jsonData
+	if err := json.Unmarshal(raw, &d, decodeOptions); err != nil {
+		return Data{}, invalid(ReasonMalformedJSON, "data: %v", err)
+	}
+	return d.of(kind)
 }
 
 // jsonData is the data member: an object of kind-specific fields, absent,
@@ -386,9 +511,9 @@ func (s *jsonString) at(p *string) *string {
 	return p
 }
 
-// jsonInt is an integer member as encoding/json read it into a *T: absent
-// and null leave it unset; a number that is not an integer in T's range,
-// or a value of another JSON type, is recorded as wrong.
+// jsonInt is an integer member: absent and null leave it unset; a number
+// whose value is not an integer in T's range (parseInteger), or a value of
+// another JSON type (as encoding/json named it), is recorded as wrong.
 type jsonInt[T int | int64] struct {
 	v   T
 	set bool
@@ -407,11 +532,12 @@ func (n *jsonInt[T]) UnmarshalJSONFrom(dec *jsontext.Decoder) error {
 		if err != nil {
 			return err
 		}
-		// As encoding/json: ParseInt of the literal (so no fraction or
-		// exponent, even 1.0 or 1e2), then within T's range.
-		i, err := strconv.ParseInt(string(lit), 10, 64)
-		if err != nil || int64(T(i)) != i {
-			n.bad = "number " + string(lit)
+		i, msg := parseInteger(lit)
+		if msg == "" && int64(T(i)) != i {
+			msg = outOfRange
+		}
+		if msg != "" {
+			n.bad = "number " + shorten(lit) + " " + msg
 			return nil
 		}
 		n.v, n.set = T(i), true
@@ -423,11 +549,85 @@ func (n *jsonInt[T]) UnmarshalJSONFrom(dec *jsontext.Decoder) error {
 }
 
 func (n *jsonInt[T]) typeError() string {
-	if n.bad == "" {
-		return ""
+	if n.bad == "" || strings.HasPrefix(n.bad, "number ") {
+		return n.bad
 	}
 	var zero T
 	return unmarshalTypeError(n.bad, fmt.Sprintf("%T", zero))
+}
+
+const (
+	notInteger = "is not an integer"
+	outOfRange = "is out of range: integers are from -9223372036854775808 to 9223372036854775807"
+)
+
+// parseInteger reads a JSON number literal (its syntax already checked) as
+// an integer: its value counts, not its spelling, so 61000.0, 1e3 and
+// 1.5e1 are integers (JSON Schema's "integer"; what Python and many JSON
+// libraries write), 1.5 is not. It returns "" or why lit is not an int64
+// (notInteger, outOfRange).
+func parseInteger(lit []byte) (int64, string) {
+	if i, err := strconv.ParseInt(string(lit), 10, 64); err == nil {
+		return i, ""
+	}
+	// lit is -?digits(.digits)?([eE][+-]?digits)?: its value is
+	// sign × mantissa × 10^scale, the mantissa being its digits without the dot.
+	neg := lit[0] == '-'
+	if neg {
+		lit = lit[1:]
+	}
+	end := len(lit)
+	exp := ""
+	for i, c := range lit {
+		if c == 'e' || c == 'E' {
+			end, exp = i, string(lit[i+1:])
+			break
+		}
+	}
+	whole, frac, _ := strings.Cut(string(lit[:end]), ".")
+	mantissa := strings.TrimLeft(whole+frac, "0")
+	if mantissa == "" {
+		return 0, "" // zero, whatever its exponent
+	}
+	trimmed := strings.TrimRight(mantissa, "0")
+	scale := len(mantissa) - len(trimmed) - len(frac) // the exponent adds to this
+	mantissa = trimmed
+	expNeg := strings.HasPrefix(exp, "-")
+	exp = strings.TrimLeft(strings.TrimLeft(exp, "+-"), "0")
+	if len(exp) > 6 { // beyond ±999999: the mantissa (≤ 64 KiB of digits) cannot make up for it
+		if expNeg {
+			return 0, notInteger
+		}
+		return 0, outOfRange
+	}
+	if e, _ := strconv.Atoi(exp); expNeg {
+		scale -= e
+	} else {
+		scale += e
+	}
+	switch {
+	case scale < 0:
+		return 0, notInteger
+	case len(mantissa)+scale > 19: // more digits than any int64
+		return 0, outOfRange
+	}
+	digits := mantissa + strings.Repeat("0", scale)
+	if neg {
+		digits = "-" + digits
+	}
+	i, err := strconv.ParseInt(digits, 10, 64)
+	if err != nil {
+		return 0, outOfRange
+	}
+	return i, ""
+}
+
+// shorten returns lit, cut to 40 bytes with its length said if longer.
+func shorten(lit []byte) string {
+	if len(lit) <= 40 {
+		return string(lit)
+	}
+	return fmt.Sprintf("%s… (%d characters)", lit[:40], len(lit))
 }
 
 // at returns p, which holds n's value, or nil if n is unset.

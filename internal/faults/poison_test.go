@@ -127,8 +127,9 @@ func poisons(t *testing.T, evs []events.Event) []poison {
 		{name: "occurred_at 2h in the future", subject: subj(events.KindStarted),
 			body:   edit(t, started, map[string]any{"occurred_at": time.Now().Add(2 * time.Hour).UTC().Format(time.RFC3339Nano)}),
 			reason: events.ReasonOccurredInFuture},
-		{name: "attempt 0", subject: subj(events.KindMetricsRecorded),
-			body:   edit(t, fresh(events.KindMetricsRecorded), map[string]any{"data": map[string]any{"attempt": 0}}),
+		// (attempt 0 is no poison: the projector drops the field and applies the event.)
+		{name: "attempt 1.5", subject: subj(events.KindMetricsRecorded),
+			body:   edit(t, fresh(events.KindMetricsRecorded), map[string]any{"data": map[string]any{"attempt": 1.5}}),
 			reason: events.ReasonInvalidData},
 		{name: "not UTF-8", subject: subj(events.KindStarted),
 			body: bytes.Replace(valid, []byte(`"poison-b1"`), []byte("\"poison-\xff\xfe\""), 1), reason: events.ReasonNotUTF8},

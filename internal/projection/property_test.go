@@ -3,7 +3,9 @@ package projection_test
 import (
 	"context"
 	"fmt"
+	"maps"
 	"math/rand/v2"
+	"regexp"
 	"slices"
 	"strings"
 	"sync"
@@ -21,10 +23,28 @@ import (
 // text (it does not call fsm.Derive). Every store counts the retried writes
 // by SQLSTATE; a check (23514) or foreign key (23503) violation fails the test.
 
-// countingObserver counts retried writes by SQLSTATE and constraint.
+// countingObserver counts retried writes by SQLSTATE and constraint, and
+// dropped fields by name.
 type countingObserver struct {
-	mu sync.Mutex
-	n  map[string]int // "sqlstate constraint" -> count
+	mu      sync.Mutex
+	n       map[string]int // "sqlstate constraint" -> count
+	dropped map[string]int // field -> count
+}
+
+func (o *countingObserver) FieldDropped(field string) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if o.dropped == nil {
+		o.dropped = map[string]int{}
+	}
+	o.dropped[field]++
+}
+
+// droppedFields is the count of each field dropped so far.
+func (o *countingObserver) droppedFields() map[string]int {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return cloneCounts(o.dropped)
 }
 
 func (o *countingObserver) WriteRetried(sqlstate, constraint string) {
@@ -95,7 +115,11 @@ type genConfig struct {
 // (later occurred_at, new id, new data), stale re-sends (earlier
 // occurred_at), and re-sends at the same instant under another id (tie to the
 // greater id). Event ids mix cases, digits and punctuation, so the id tie
-// break is byte order, not any collation.
+// break is byte order, not any collation. A skewed completion often carries
+// the negative duration_ms its producer computed from the two clocks, and a
+// metrics event now and then attempt 0: the contract drops both (NULL) and
+// applies the step. Bodies spell integers as integral floats now and then
+// (respell).
 type generator struct {
 	rng  *rand.Rand
 	ids  map[string]bool
@@ -153,6 +177,9 @@ func (g *generator) data(k events.Kind) events.Data {
 		d.PackageManager = pickStr(g, "npm", "pnpm", "yarn")
 		if g.chance(0.7) {
 			n := int64(1 + g.rng.IntN(3))
+			if g.chance(0.05) {
+				n = -g.rng.Int64N(2) // 0 or -1: out of range, dropped
+			}
 			d.Attempt = &n
 		}
 	case events.KindCompleted:
@@ -217,7 +244,8 @@ func (g *generator) history(prefix string, cfg genConfig) []events.Event {
 				mAt = sAt.Add(-g.micros(time.Microsecond, time.Minute)) // metrics before start (skew)
 			}
 			cAt := sAt.Add(g.micros(10*time.Second, 15*time.Minute))
-			if g.chance(0.15) {
+			skewed := g.chance(0.15)
+			if skewed {
 				cAt = sAt.Add(-g.micros(time.Microsecond, 5*time.Minute)) // completion before start (skew)
 			}
 			for _, st := range []struct {
@@ -231,7 +259,13 @@ func (g *generator) history(prefix string, cfg genConfig) []events.Event {
 				if !st.ok {
 					continue
 				}
-				out = append(out, g.event(st.k, project, build, st.at))
+				ev := g.event(st.k, project, build, st.at)
+				if st.k == events.KindCompleted && skewed && g.chance(0.7) {
+					// The producer's duration from its two clocks: negative.
+					n := -1 - int64(sAt.Sub(cAt)/time.Millisecond)
+					ev.Data.DurationMS = &n
+				}
+				out = append(out, ev)
 				if g.chance(0.12) { // correction: later, new id, new data
 					out = append(out, g.event(st.k, project, build, st.at.Add(g.micros(time.Microsecond, 3*time.Minute))))
 				}
@@ -269,6 +303,59 @@ func (g *generator) delivery(evs []events.Event, dupRate float64) (out []events.
 	}
 	g.rng.Shuffle(len(out), func(i, j int) { out[i], out[j] = out[j], out[i] })
 	return out, dups
+}
+
+// integral matches the integers of a canonical body that respell rewrites.
+var integral = regexp.MustCompile(`"(spec_version|attempt|duration_ms)":(-?[0-9]+)`)
+
+// respell rewrites about a third of the messages' bodies with their
+// integers spelled as integral floats (61000.0, 61e3, 6.1e4), as Python and
+// many JSON libraries write them: the same events, so the same rows, and a
+// respelled copy of an applied event is a duplicate.
+func (g *generator) respell(ms []projection.Message) []projection.Message {
+	for i := range ms {
+		if !g.chance(0.33) {
+			continue
+		}
+		ms[i].Data = integral.ReplaceAllFunc(ms[i].Data, func(m []byte) []byte {
+			sub := integral.FindSubmatch(m)
+			n := string(sub[2])
+			switch g.rng.IntN(4) {
+			case 0:
+				n += ".0"
+			case 1:
+				n += "e0"
+			case 2:
+				n += ".000E+0"
+			default:
+				if trimmed := strings.TrimRight(n, "0"); trimmed != n && trimmed != "" && trimmed != "-" {
+					n = fmt.Sprintf("%se%d", trimmed, len(n)-len(trimmed)) // 61000 -> 61e3
+				} else {
+					n += ".0"
+				}
+			}
+			return []byte(`"` + string(sub[1]) + `":` + n)
+		})
+	}
+	return ms
+}
+
+// outOfRange counts the optional measurements of evs the contract drops.
+func outOfRange(evs []events.Event) map[string]int {
+	n := map[string]int{}
+	for _, ev := range evs {
+		switch d := ev.Data; ev.Kind() {
+		case events.KindMetricsRecorded:
+			if d.Attempt != nil && *d.Attempt < 1 {
+				n["attempt"]++
+			}
+		case events.KindCompleted:
+			if d.DurationMS != nil && *d.DurationMS < 0 {
+				n["duration_ms"]++
+			}
+		}
+	}
+	return n
 }
 
 // batches cuts n items into consecutive random sizes in [1, max].
@@ -368,8 +455,10 @@ func model(evs []events.Event) (map[string]projection.ProjectRow, map[string]pro
 			continue
 		}
 		r := projection.MetricsRow{BuildID: b.id, ProjectID: b.project, Status: "building", StartedAt: b.m.OccurredAt,
-			Framework: buildFramework(b), NodeVersion: b.m.Data.NodeVersion, PackageManager: b.m.Data.PackageManager,
-			Attempt: b.m.Data.Attempt}
+			Framework: buildFramework(b), NodeVersion: b.m.Data.NodeVersion, PackageManager: b.m.Data.PackageManager}
+		if a := b.m.Data.Attempt; a != nil && *a >= 1 { // the contract: an attempt below 1 is left out (NULL)
+			r.Attempt = a
+		}
 		if b.s != nil {
 			r.StartedAt = b.s.OccurredAt
 		}
@@ -383,7 +472,10 @@ func model(evs []events.Event) (map[string]projection.ProjectRow, map[string]pro
 				done = r.StartedAt
 			}
 			r.CompletedAt = &done
-			r.DurationMS, r.Error = b.c.Data.DurationMS, b.c.Data.Error
+			r.Error = b.c.Data.Error
+			if d := b.c.Data.DurationMS; d != nil && *d >= 0 { // the contract: a negative duration is left out (NULL)
+				r.DurationMS = d
+			}
 		}
 		metrics[b.id] = r
 	}
@@ -620,6 +712,7 @@ func applyAll(t *testing.T, s *projection.Store, ms []projection.Message, cuts [
 		sum.Applied += res.Applied
 		sum.Duplicates += res.Duplicates
 		sum.DeadLettered += res.DeadLettered
+		sum.Dropped += res.Dropped
 	}
 	return sum
 }
@@ -667,20 +760,29 @@ func TestAnyOrderAnyDuplicates(t *testing.T) {
 			t.Parallel()
 			g := newGenerator(seed)
 			distinct := g.history(fmt.Sprintf("s%d", seed), genConfig{projects: 200, maxBuilds: 6})
+			drops := outOfRange(distinct)
+			if drops["duration_ms"] == 0 {
+				t.Fatalf("the history has no negative duration_ms; the generator must make some")
+			}
 			var stores [2]*projection.Store
+			var observers [2]*countingObserver
 			for i := range stores {
-				s, _ := newCountedStore(t)
-				stores[i] = s
+				s, obs := newCountedStore(t)
+				stores[i], observers[i] = s, obs
 				delivered, dups := g.delivery(distinct, 0.1+0.3*g.rng.Float64())
-				ms := msgs(t, 1, delivered...)
+				ms := g.respell(msgs(t, 1, delivered...))
 				cuts := g.batches(len(ms), 500)
 				start := time.Now()
 				res := applyAll(t, s, ms, cuts)
-				t.Logf("store %d: %d messages (%d distinct, %d duplicates) in %d batches: %v",
-					i, len(ms), len(distinct), dups, len(cuts), time.Since(start).Round(time.Millisecond))
-				if res.Applied != len(distinct) || res.Duplicates != dups || res.DeadLettered != 0 {
-					t.Errorf("store %d: Apply totals = %+v; want %d applied, %d duplicates, 0 dead-lettered",
-						i, res, len(distinct), dups)
+				t.Logf("store %d: %d messages (%d distinct, %d duplicates, %v measurements out of range) in %d batches: %v",
+					i, len(ms), len(distinct), dups, drops, len(cuts), time.Since(start).Round(time.Millisecond))
+				if res.Applied != len(distinct) || res.Duplicates != dups || res.DeadLettered != 0 ||
+					res.Dropped != drops["attempt"]+drops["duration_ms"] {
+					t.Errorf("store %d: Apply totals = %+v; want %d applied, %d duplicates, 0 dead-lettered, %d dropped",
+						i, res, len(distinct), dups, drops["attempt"]+drops["duration_ms"])
+				}
+				if got := obs.droppedFields(); !maps.Equal(got, drops) {
+					t.Errorf("store %d: fields dropped = %v; want %v (once per distinct event)", i, got, drops)
 				}
 				checkAgainstModel(t, s, distinct)
 			}
@@ -689,11 +791,14 @@ func TestAnyOrderAnyDuplicates(t *testing.T) {
 			if d := diffRows(p1, p0, m1, m0); len(d) > 0 {
 				t.Errorf("two orders of the same events give different rows (got: 2nd order, want: 1st):\n  %s", strings.Join(d, "\n  "))
 			}
-			// Applying everything once more changes nothing.
-			ms := msgs(t, 1_000_000, distinct...)
+			// Applying everything once more, spelled anew, changes nothing.
+			ms := g.respell(msgs(t, 1_000_000, distinct...))
 			res := applyAll(t, stores[0], ms, g.batches(len(ms), 500))
-			if res.Applied != 0 || res.Duplicates != len(distinct) {
-				t.Errorf("re-apply totals = %+v; want 0 applied, %d duplicates", res, len(distinct))
+			if res.Applied != 0 || res.Duplicates != len(distinct) || res.Dropped != 0 {
+				t.Errorf("re-apply totals = %+v; want 0 applied, %d duplicates, 0 dropped", res, len(distinct))
+			}
+			if got := observers[0].droppedFields(); !maps.Equal(got, drops) {
+				t.Errorf("fields dropped after the re-apply = %v; want still %v", got, drops)
 			}
 			p, m := readModel(t, stores[0])
 			if d := diffRows(p, p0, m, m0); len(d) > 0 {
@@ -718,7 +823,7 @@ func TestConcurrentProjectors(t *testing.T) {
 	g := newGenerator(42)
 	distinct := g.history("c", genConfig{projects: 150, maxBuilds: 6})
 	delivered, dups := g.delivery(distinct, 0.25)
-	ms := msgs(t, 1, delivered...)
+	ms := g.respell(msgs(t, 1, delivered...))
 	s, _ := newCountedStore(t)
 
 	slicesOf := make([][]projection.Message, workers)

@@ -47,17 +47,29 @@ type Result struct {
 	Applied      int // events that were new and valid
 	Duplicates   int // events whose id was already applied (same content)
 	DeadLettered int // messages kept as dead letters
+	Dropped      int // optional measurements left out of applied events (events.Decode)
 }
 
 func (r *Result) add(o Result) {
 	r.Applied += o.Applied
 	r.Duplicates += o.Duplicates
 	r.DeadLettered += o.DeadLettered
+	r.Dropped += o.Dropped
 }
 
-// Observer hears about write retries (for metrics).
+// droppedField is an optional measurement left out of an applied event.
+type droppedField struct {
+	msg  Message
+	id   string
+	drop events.Drop
+}
+
+// Observer hears about write retries and dropped fields (for metrics).
 type Observer interface {
 	WriteRetried(sqlstate, constraint string)
+	// FieldDropped hears of each optional measurement (data.<field>) left
+	// out of an applied event because its value was out of range.
+	FieldDropped(field string)
 }
 
 // Options configure a Store.
@@ -177,8 +189,10 @@ func (s *Store) apply(ctx context.Context, msgs []Message, retries map[uint64]in
 	var res Result
 	var err error
 	for attempt := 1; ; attempt++ {
-		res, err = s.applyOnce(ctx, b)
+		var drops []droppedField
+		res, drops, err = s.applyOnce(ctx, b)
 		if err == nil {
+			s.reportDropped(drops)
 			return res, nil
 		}
 		var pgErr *pgconn.PgError
@@ -200,6 +214,20 @@ func (s *Store) apply(ctx context.Context, msgs []Message, retries map[uint64]in
 			return Result{}, ctx.Err()
 		case <-time.After(wait):
 		}
+	}
+}
+
+// reportDropped counts and logs the measurements left out of the events a
+// committed batch applied: once per applied event (a duplicate, or a batch
+// that did not commit, reports nothing).
+func (s *Store) reportDropped(drops []droppedField) {
+	for _, d := range drops {
+		if s.opts.Observer != nil {
+			s.opts.Observer.FieldDropped(d.drop.Field)
+		}
+		s.opts.Logger.Warn("optional measurement out of range left out of the event",
+			zap.String("id", d.id), zap.String("field", "data."+d.drop.Field), zap.Int64("value", d.drop.Value),
+			zap.String("subject", d.msg.Subject), zap.Uint64("seq", d.msg.Seq))
 	}
 }
 
@@ -263,49 +291,52 @@ func (s *Store) prepare(b *batch, msgs []Message) {
 	}
 }
 
-func (s *Store) applyOnce(ctx context.Context, b batch) (Result, error) {
+// applyOnce applies the batch in one transaction; drops are the
+// measurements left out of the events it applied, to report once committed.
+func (s *Store) applyOnce(ctx context.Context, b batch) (res Result, drops []droppedField, err error) {
 	tx, err := s.pool.Begin(ctx)
 	if err != nil {
-		return Result{}, fmt.Errorf("begin: %w", err)
+		return Result{}, nil, fmt.Errorf("begin: %w", err)
 	}
 	defer tx.Rollback(ctx) //nolint:errcheck // after Commit this is a no-op
 	if len(b.redrive) > 0 {
 		// A retry: the letters leave; those still refused are written again below.
 		if _, err := tx.Exec(ctx, `DELETE FROM projector_dead_letters WHERE stream_seq = ANY($1)`, b.redrive); err != nil {
-			return Result{}, fmt.Errorf("take out dead letters: %w", err)
+			return Result{}, nil, fmt.Errorf("take out dead letters: %w", err)
 		}
 	}
-	res := Result{DeadLettered: len(b.dead)}
+	res = Result{DeadLettered: len(b.dead)}
 	wb := &pgx.Batch{}
 	queueDeadLetters(wb, b.dead, s.opts.Prefix, b.retries)
 	for i, round := range b.rounds {
 		if i == 0 {
-			err = s.applyRound(ctx, tx, round, b, wb, &res)
+			err = s.applyRound(ctx, tx, round, b, wb, &res, &drops)
 		} else {
-			err = s.applyRound(ctx, tx, round, batch{retries: b.retries}, wb, &res)
+			err = s.applyRound(ctx, tx, round, batch{retries: b.retries}, wb, &res, &drops)
 		}
 		if err != nil {
-			return Result{}, err
+			return Result{}, nil, err
 		}
 		if err := tx.SendBatch(ctx, wb).Close(); err != nil {
-			return Result{}, fmt.Errorf("write: %w", err)
+			return Result{}, nil, fmt.Errorf("write: %w", err)
 		}
 		wb = &pgx.Batch{}
 	}
 	if wb.Len() > 0 {
 		if err := tx.SendBatch(ctx, wb).Close(); err != nil {
-			return Result{}, fmt.Errorf("write: %w", err)
+			return Result{}, nil, fmt.Errorf("write: %w", err)
 		}
 	}
 	if err := tx.Commit(ctx); err != nil {
-		return Result{}, fmt.Errorf("commit: %w", err)
+		return Result{}, nil, fmt.Errorf("commit: %w", err)
 	}
-	return res, nil
+	return res, drops, nil
 }
 
 // applyRound reads what the round needs, classifies its events, decides the
 // plans and queues the writes on wb (sent by the caller before the next round).
-func (s *Store) applyRound(ctx context.Context, tx pgx.Tx, cands []candidate, b batch, wb *pgx.Batch, res *Result) error {
+func (s *Store) applyRound(ctx context.Context, tx pgx.Tx, cands []candidate, b batch, wb *pgx.Batch, res *Result,
+	drops *[]droppedField) error {
 	st, err := s.read(ctx, tx, cands, b)
 	if err != nil {
 		return err
@@ -347,6 +378,12 @@ func (s *Store) applyRound(ctx context.Context, tx pgx.Tx, cands []candidate, b 
 	}
 	res.Applied += len(fresh)
 	res.DeadLettered += len(dead)
+	for _, c := range fresh {
+		for _, d := range c.ev.Dropped {
+			*drops = append(*drops, droppedField{msg: c.msg, id: c.ev.ID, drop: d})
+		}
+	}
+	res.Dropped = len(*drops)
 
 	dec, err := decide(ctx, st.facts, fresh, func(ctx context.Context, projects []string) (map[string]map[string]*fsm.Build, error) {
 		rows, _ := tx.Query(ctx, loadProjectsSQL, projects)

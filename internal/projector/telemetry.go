@@ -4,6 +4,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
+	"github.com/buildstate/buildstate/internal/events"
 	"github.com/buildstate/buildstate/internal/projection"
 )
 
@@ -17,6 +18,7 @@ type Telemetry struct {
 	Retries      *prometheus.CounterVec
 	Batches      prometheus.Histogram
 	Stuck        *prometheus.GaugeVec
+	Dropped      *prometheus.CounterVec
 }
 
 // NewTelemetry registers the metrics on a fresh registry (with the Go and
@@ -46,13 +48,25 @@ func NewTelemetry() *Telemetry {
 			Name: "buildstate_builds_stuck",
 			Help: "Builds waiting on a worker past the limits (state queued: no start; building: no completion), counted every minute.",
 		}, []string{"state"}),
+		Dropped: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "buildstate_fields_dropped_total",
+			Help: "Optional measurements (data.<field>) left out of applied events because their values were out of range; the events applied without them.",
+		}, []string{"field"}),
 	}
 	for _, state := range []string{projection.StuckQueued, projection.StuckBuilding} {
 		t.Stuck.WithLabelValues(state).Set(0) // present from the start
 	}
-	t.Registry.MustRegister(t.Applied, t.DeadLettered, t.Duplicates, t.Lag, t.Retries, t.Batches, t.Stuck,
+	for _, f := range events.Measurements() {
+		t.Dropped.WithLabelValues(f) // every field from zero, not from its first drop
+	}
+	t.Registry.MustRegister(t.Applied, t.DeadLettered, t.Duplicates, t.Lag, t.Retries, t.Batches, t.Stuck, t.Dropped,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return t
+}
+
+// FieldDropped counts a measurement left out of an applied event (projection.Observer).
+func (t *Telemetry) FieldDropped(field string) {
+	t.Dropped.WithLabelValues(field).Inc()
 }
 
 // WriteRetried counts a retried write (projection.Observer).
