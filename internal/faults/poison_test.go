@@ -131,6 +131,23 @@ func poisons(t *testing.T, evs []events.Event) []poison {
 		{name: "attempt 1.5", subject: subj(events.KindMetricsRecorded),
 			body:   edit(t, fresh(events.KindMetricsRecorded), map[string]any{"data": map[string]any{"attempt": 1.5}}),
 			reason: events.ReasonInvalidData},
+		// NUL in each string field: a text column cannot hold it (22021), so
+		// the contract refuses it before the database is asked.
+		{name: "NUL in framework", subject: subj(events.KindStarted),
+			body: edit(t, started, map[string]any{"data": map[string]any{"framework": "next\x00js"}}), reason: events.ReasonInvalidData},
+		{name: "NUL in node_version", subject: subj(events.KindMetricsRecorded),
+			body:   edit(t, fresh(events.KindMetricsRecorded), map[string]any{"data": map[string]any{"node_version": "22\x00"}}),
+			reason: events.ReasonInvalidData},
+		{name: "NUL in package_manager", subject: subj(events.KindMetricsRecorded),
+			body:   edit(t, fresh(events.KindMetricsRecorded), map[string]any{"data": map[string]any{"package_manager": "\x00pnpm"}}),
+			reason: events.ReasonInvalidData},
+		{name: "NUL in error", subject: subj(events.KindCompleted),
+			body:   edit(t, fresh(events.KindCompleted), map[string]any{"data": map[string]any{"outcome": "failed", "error": "boom\x00"}}),
+			reason: events.ReasonInvalidData},
+		{name: "NUL in id", subject: subj(events.KindStarted),
+			body: edit(t, started, map[string]any{"id": "id\x00"}), reason: events.ReasonInvalidID},
+		{name: "NUL in build_id", subject: subj(events.KindStarted),
+			body: edit(t, started, map[string]any{"build_id": "b\x001"}), reason: events.ReasonInvalidBuildID},
 		{name: "not UTF-8", subject: subj(events.KindStarted),
 			body: bytes.Replace(valid, []byte(`"poison-b1"`), []byte("\"poison-\xff\xfe\""), 1), reason: events.ReasonNotUTF8},
 		{name: "1 MB body", subject: subj(events.KindStarted), body: huge, reason: events.ReasonBodyTooLarge},
@@ -141,7 +158,7 @@ func poisons(t *testing.T, evs []events.Event) []poison {
 	}
 }
 
-// TestPoisonIsDeadLettered mixes two dozen malformed messages into valid
+// TestPoisonIsDeadLettered mixes 30 malformed messages into valid
 // traffic: each must be kept as a dead letter with its reason and its exact
 // payload, every valid event must be applied (the rows equal a reference run
 // of the valid messages alone), and the projector must keep running.
