@@ -326,4 +326,3 @@ func get(t *testing.T, url, ifNoneMatch string) (*http.Response, string) {
 	}
 	return res, string(b)
 }
-

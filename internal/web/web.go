@@ -87,12 +87,12 @@ func New(opts Options) *Handler {
 	}
 	h := &Handler{opts: opts, mux: http.NewServeMux()}
 	funcs := template.FuncMap{
-		"time": func(t time.Time) string { return when.Format(t, h.opts.Location) },
-		"ago":  func(t time.Time) string { return when.Ago(t, h.opts.Now()) },
-		"rfc":  func(t time.Time) string { return t.UTC().Format(time.RFC3339Nano) },
-		"tone": Tone,
-		"duration": func(ms int64) string { return (time.Duration(ms) * time.Millisecond).String() },
-		"hours":    func(d time.Duration) string { return strings.TrimSuffix(d.String(), "0m0s") },
+		"time":         func(t time.Time) string { return when.Format(t, h.opts.Location) },
+		"ago":          func(t time.Time) string { return when.Ago(t, h.opts.Now()) },
+		"rfc":          func(t time.Time) string { return t.UTC().Format(time.RFC3339Nano) },
+		"tone":         Tone,
+		"duration":     func(ms int64) string { return (time.Duration(ms) * time.Millisecond).String() },
+		"hours":        func(d time.Duration) string { return strings.TrimSuffix(d.String(), "0m0s") },
 		"events_per_s": func(f float64) string { return strconv.FormatFloat(f, 'f', 1, 64) },
 	}
 	h.index = template.Must(template.New("index").Funcs(funcs).ParseFS(templateFiles, "templates/base.html", "templates/index.html"))
