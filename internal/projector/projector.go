@@ -93,6 +93,13 @@ func MigratePool(ctx context.Context, pool *pgxpool.Pool) error {
 	return nil
 }
 
+// CheckPool returns nil if the live schema is at this binary's version, and
+// says what to do if not (projection.SchemaError). It changes nothing: the
+// commands other than run and migrate only read or replay.
+func CheckPool(ctx context.Context, pool *pgxpool.Pool) error {
+	return projection.CheckSchema(ctx, pool, projection.LiveSchema)
+}
+
 // ConnectNATS connects with endless reconnects, so an outage is waited out.
 func ConnectNATS(url, name string, log *zap.Logger) (*nats.Conn, error) {
 	nc, err := nats.Connect(url,
