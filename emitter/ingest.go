@@ -69,13 +69,13 @@ func NewHandler(p *Publisher, log *zap.Logger) http.Handler {
 		}
 		ev, err := decodeIngest(body)
 		if err != nil {
-			writeJSON(w, http.StatusBadRequest, ErrorResponse{Error: err.Error(), Reason: events.ReasonOf(err)})
+			writeJSON(w, http.StatusBadRequest, ErrorResponse{Error: events.Plain(err), Reason: events.ReasonOf(err)})
 			return
 		}
 		ack, err := p.publish(r.Context(), ev)
 		switch {
 		case errors.Is(err, events.ErrInvalid):
-			writeJSON(w, http.StatusBadRequest, ErrorResponse{Error: err.Error(), Reason: events.ReasonOf(err)})
+			writeJSON(w, http.StatusBadRequest, ErrorResponse{Error: events.Plain(err), Reason: events.ReasonOf(err)})
 		case err != nil:
 			log.Error("ingest publish", zap.String("id", ev.ID), zap.Error(err))
 			w.Header().Set("Retry-After", "1")

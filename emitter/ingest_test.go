@@ -128,6 +128,9 @@ func TestIngest(t *testing.T) {
 			if code != http.StatusBadRequest || got["reason"] != string(tt.want) || got["error"] == "" {
 				t.Errorf("POST %q = %d %v; want 400 with reason %s", tt.body, code, got, tt.want)
 			}
+			if msg, _ := got["error"].(string); strings.Contains(msg, "Go value") || strings.Contains(msg, "json.RawMessage") {
+				t.Errorf("POST %q: error %q names a Go type", tt.body, msg)
+			}
 			if after := msgCount(t, s); after != before {
 				t.Errorf("stream grew from %d to %d messages; want nothing sent", before, after)
 			}

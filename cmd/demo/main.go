@@ -14,6 +14,7 @@ import (
 	"syscall"
 
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 
 	"github.com/buildstate/buildstate/internal/demo"
 )
@@ -38,12 +39,10 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	}
 	log := zap.NewNop()
 	if *verbose {
-		cfg := zap.NewDevelopmentConfig()
-		l, err := cfg.Build()
-		if err != nil {
-			return err
-		}
-		log = l
+		// Console lines for people, to stderr; no stack traces under warnings.
+		enc := zap.NewDevelopmentEncoderConfig()
+		enc.EncodeTime = zapcore.ISO8601TimeEncoder
+		log = zap.New(zapcore.NewCore(zapcore.NewConsoleEncoder(enc), zapcore.AddSync(stderr), zap.DebugLevel))
 	}
 	return demo.Run(ctx, demo.Options{Getenv: getenv, Stdout: stdout, Log: log, Database: *db, Keep: *keep})
 }

@@ -36,8 +36,9 @@ commands:
   publish   publish one event and print its stream sequence
   serve     HTTP ingest: POST /v1/events, GET /healthz, GET /readyz
   load      publish a reproducible, seeded workload and print the rate
+  help      list the commands, or show a command's flags (help COMMAND)
 
-Run "emitter <command> -h" for a command's flags.
+Run "emitter help <command>" or "emitter <command> --help" for a command's flags.
 `
 
 func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
@@ -48,8 +49,15 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		fmt.Fprint(stderr, usage)
 		return errors.New("no command given")
 	}
+	cmd, rest := args[1], args[2:]
+	if cmd == "help" && len(rest) > 0 {
+		cmd, rest = rest[0], []string{"-h"}
+	}
+	if wantsHelp(rest) {
+		stderr = stdout // asked for: the flags are the command's output
+	}
 	var err error
-	switch cmd, rest := args[1], args[2:]; cmd {
+	switch cmd {
 	case "publish":
 		err = runPublish(ctx, rest, getenv, stdout, stderr)
 	case "serve":
@@ -66,6 +74,19 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return nil
 	}
 	return err
+}
+
+// wantsHelp reports whether args ask for help before any "--".
+func wantsHelp(args []string) bool {
+	for _, a := range args {
+		if a == "--" {
+			return false
+		}
+		if a == "-h" || a == "-help" || a == "--help" || a == "--h" {
+			return true
+		}
+	}
+	return false
 }
 
 // Defaults shared by the commands.

@@ -183,6 +183,36 @@ func TestPublishWithoutServer(t *testing.T) {
 	}
 }
 
+// Help is asked for, so it is the command's output: stdout, exit 0.
+func TestHelp(t *testing.T) {
+	tests := []struct {
+		args []string
+		want []string
+	}{
+		{[]string{"--help"}, []string{"publish ", "serve ", "load ", "help "}},
+		{[]string{"-h"}, []string{"publish ", "serve ", "load "}},
+		{[]string{"help"}, []string{"publish ", "serve ", "load "}},
+		{[]string{"help", "publish"}, []string{"-type", "-project", "-data"}},
+		{[]string{"publish", "--help"}, []string{"-type", "-build"}},
+		{[]string{"serve", "--help"}, []string{"-http-addr"}},
+		{[]string{"load", "-h"}, []string{"-seed"}},
+	}
+	for _, tt := range tests {
+		out, errOut, err := runCmd(t, env("NATS_URL", "nats://127.0.0.1:1"), tt.args...)
+		if err != nil || errOut != "" {
+			t.Errorf("emitter %v = %v, stderr %q; want nil and the help on stdout", tt.args, err, errOut)
+		}
+		for _, w := range tt.want {
+			if !strings.Contains(out, w) {
+				t.Errorf("emitter %v output lacks %q:\n%s", tt.args, w, out)
+			}
+		}
+	}
+	if _, _, err := runCmd(t, env(), "help", "bogus"); err == nil || !strings.Contains(err.Error(), `unknown command "bogus"`) {
+		t.Errorf("emitter help bogus = %v; want unknown command", err)
+	}
+}
+
 func TestCommands(t *testing.T) {
 	tests := []struct {
 		args    []string

@@ -20,6 +20,8 @@ import (
 	"github.com/buildstate/buildstate/internal/projection"
 	"github.com/buildstate/buildstate/internal/projector"
 	"github.com/buildstate/buildstate/internal/replay"
+	"github.com/buildstate/buildstate/internal/web"
+	"github.com/buildstate/buildstate/internal/when"
 )
 
 // runRebuild is `projector rebuild`: replay the whole stream into a shadow
@@ -28,7 +30,7 @@ func runRebuild(ctx context.Context, args []string, getenv func(string) string, 
 	fs, c := newFlags("rebuild", getenv, stderr)
 	dryRun := fs.Bool("dry-run", false, "build the shadow schema and leave it for inspection; do not swap")
 	opts := replayFlags(fs, "replay a stream whose early messages were dropped (the result misses them)")
-	r, closeAll, err := startReplay(ctx, fs, c, opts, args, getenv, stderr)
+	r, closeAll, err := startReplay(ctx, fs, c, opts, args, getenv, stdout, stderr)
 	if err != nil {
 		return err
 	}
@@ -106,9 +108,10 @@ type replayRun struct {
 }
 
 // startReplay parses args, sets the collector up for the replay, and opens
-// Postgres and the stream; closeAll undoes it all.
+// Postgres and the stream; closeAll undoes it all. Progress lines are human
+// output: they go to stdout, and stderr has only log lines.
 func startReplay(ctx context.Context, fs *flag.FlagSet, c *common, o replayOpts, args []string,
-	getenv func(string) string, stderr io.Writer) (r replayRun, closeAll func(), err error) {
+	getenv func(string) string, stdout, stderr io.Writer) (r replayRun, closeAll func(), err error) {
 	if err := fs.Parse(args); err != nil {
 		return r, nil, err
 	}
@@ -124,7 +127,7 @@ func startReplay(ctx context.Context, fs *flag.FlagSet, c *common, o replayOpts,
 		restore()
 		return r, nil, err
 	}
-	r = replayRun{pool: pool, log: lg, opts: o.options(stderr, logger),
+	r = replayRun{pool: pool, log: lg, opts: o.options(stdout, logger),
 		store: projection.Options{Prefix: c.cfg.Prefix, Logger: logger}}
 	return r, func() {
 		closeReplay()
@@ -145,7 +148,7 @@ func runVerify(ctx context.Context, args []string, getenv func(string) string, s
 	wait := fs.Duration("wait", 30*time.Second, "how long to wait for the projector to apply what is pending")
 	opts := replayFlags(fs, "compare with a replay of a stream whose early messages were dropped")
 	maxRows := fs.Int("max-diff", 20, "most faults and differing rows of each table to print")
-	r, closeAll, err := startReplay(ctx, fs, c, opts, args, getenv, stderr)
+	r, closeAll, err := startReplay(ctx, fs, c, opts, args, getenv, stdout, stderr)
 	if err != nil {
 		return err
 	}
@@ -165,13 +168,13 @@ func runVerify(ctx context.Context, args []string, getenv func(string) string, s
 	return rep.Err()
 }
 
-// openReplay opens and migrates the live pool and connects to the stream.
+// openReplay opens the live pool, checks its schema, and connects to the stream.
 func openReplay(ctx context.Context, c *common, log *zap.Logger) (*pgxpool.Pool, replay.Log, func(), error) {
 	pool, err := projector.OpenPool(ctx, c.cfg.DatabaseURL)
 	if err != nil {
 		return nil, replay.Log{}, nil, err
 	}
-	if err := projector.MigratePool(ctx, pool); err != nil {
+	if err := projector.CheckPool(ctx, pool); err != nil {
 		pool.Close()
 		return nil, replay.Log{}, nil, err
 	}
@@ -224,7 +227,7 @@ func runStatusAt(ctx context.Context, c *common, projectID, at string, seq uint6
 	}
 	where := fmt.Sprintf("seq %d", pv.Through)
 	if !point.Time.IsZero() {
-		where = point.Time.UTC().Format(time.RFC3339Nano)
+		where = when.Format(point.Time, time.Local)
 	}
 	if pv.View.Row == nil {
 		return fmt.Errorf("status: project %q has no visible build at %s", projectID, where)
@@ -257,7 +260,8 @@ func runStatusAt(ctx context.Context, c *common, projectID, at string, seq uint6
 	if warning != "" {
 		fmt.Fprintln(stdout, "warning: "+warning)
 	}
-	printStatus(stdout, row, builds)
+	// The newest build is not known to a replay of one project's view.
+	printStatus(stdout, row, web.Explain(row, ""), builds)
 	return nil
 }
 

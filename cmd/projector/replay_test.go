@@ -460,6 +460,7 @@ func TestReplayRefusesTruncatedStream(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
 	ctx := context.Background()
+	cli(t, e, "migrate") // rebuild and verify need the schema; they do not create it
 	if _, err := e.js.CreateStream(ctx, jetstream.StreamConfig{Name: "TRUNC", Subjects: []string{"trunc.>"}, MaxMsgs: 5}); err != nil {
 		t.Fatal(err)
 	}

@@ -9,7 +9,9 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"slices"
 	"strconv"
+	"strings"
 	"syscall"
 	"text/tabwriter"
 	"time"
@@ -19,8 +21,11 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 
+	"github.com/buildstate/buildstate/internal/events"
 	"github.com/buildstate/buildstate/internal/projection"
 	"github.com/buildstate/buildstate/internal/projector"
+	"github.com/buildstate/buildstate/internal/web"
+	"github.com/buildstate/buildstate/internal/when"
 )
 
 // common holds the flags every subcommand takes.
@@ -33,6 +38,7 @@ type common struct {
 func newFlags(name string, getenv func(string) string, stderr io.Writer) (*flag.FlagSet, *common) {
 	fs := flag.NewFlagSet("projector "+name, flag.ContinueOnError)
 	fs.SetOutput(stderr)
+	fs.Usage = commandUsage(fs, name)
 	c := &common{}
 	fs.StringVar(&c.cfg.DatabaseURL, "database-url", envOr(getenv, "DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable"), "Postgres URL (env DATABASE_URL)")
 	fs.StringVar(&c.cfg.NATSURL, "nats-url", envOr(getenv, "NATS_URL", "nats://127.0.0.1:4222"), "NATS URL (env NATS_URL)")
@@ -77,45 +83,95 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	cmd, rest := "run", args[1:]
 	if len(rest) > 0 && rest[0] != "" && rest[0][0] != '-' {
 		cmd, rest = rest[0], rest[1:]
+	} else if len(rest) > 0 && isHelp(rest[0]) {
+		cmd, rest = "help", nil
 	}
+	if cmd == "help" {
+		if len(rest) == 0 {
+			fmt.Fprint(stdout, usage())
+			return nil
+		}
+		cmd, rest = rest[0], []string{"-h"}
+	}
+	if wantsHelp(rest) {
+		stderr = stdout // asked for: the flags are the command's output
+	}
+	var err error
 	switch cmd {
 	case "run":
-		return runProjector(ctx, rest, getenv, stderr)
+		err = runProjector(ctx, rest, getenv, stderr)
 	case "migrate":
-		return runMigrate(ctx, rest, getenv, stdout, stderr)
+		err = runMigrate(ctx, rest, getenv, stdout, stderr)
 	case "dead-letters":
-		return runDeadLetters(ctx, rest, getenv, stdout, stderr)
+		err = runDeadLetters(ctx, rest, getenv, stdout, stderr)
 	case "status":
-		return runStatus(ctx, rest, getenv, stdout, stderr)
+		err = runStatus(ctx, rest, getenv, stdout, stderr)
 	case "rebuild":
-		return runRebuild(ctx, rest, getenv, stdout, stderr)
+		err = runRebuild(ctx, rest, getenv, stdout, stderr)
 	case "verify":
-		return runVerify(ctx, rest, getenv, stdout, stderr)
+		err = runVerify(ctx, rest, getenv, stdout, stderr)
 	case "stuck":
-		return runStuck(ctx, rest, getenv, stdout, stderr, time.Now)
-	case "help", "-h", "--help":
-		fmt.Fprintln(stdout, usage)
+		err = runStuck(ctx, rest, getenv, stdout, stderr, time.Now)
+	default:
+		return fmt.Errorf("unknown command %q\n%s", cmd, usage())
+	}
+	if errors.Is(err, flag.ErrHelp) {
 		return nil
 	}
-	return fmt.Errorf("unknown command %q\n%s", cmd, usage)
+	return err
 }
 
-const usage = `usage: projector [command] [flags]
-commands:
-  run                                   consume events and keep the read model (default)
-  migrate                               apply the schema migrations and exit
-  dead-letters [--reason R] [--seq N]   print kept messages, one JSON object per line
-  dead-letters retry [--reason R | --seq N]
-                                        re-apply kept messages (after a fix)
-  status PROJECT_ID [--json] [--at T | --seq N]
-                                        a project's row and recent builds
-  rebuild [--dry-run] [--batch N] [--allow-truncated] [--incremental]
-                                        replay the stream into shadow tables and swap them in
-  verify [--no-rebuild] [--wait D] [--max-diff N] [--allow-truncated] [--incremental]
-                                        check constraints and that a rebuild equals the live model
-  stuck [--queued-for D] [--building-for D] [--json] [--time-out]
-                                        list builds whose worker stopped reporting; --time-out ends them
-run 'projector COMMAND -h' for a command's flags`
+// commands are the subcommands in the order usage lists them: name,
+// synopsis of the arguments, and one line on what it does.
+var commands = []struct{ name, synopsis, summary string }{
+	{"run", "[flags]", "consume events, keep the read model, serve the status page and /metrics (the default)"},
+	{"migrate", "[flags]", "apply the schema migrations and exit (run does it too)"},
+	{"status", "PROJECT_ID [--json] [--at TIME | --seq N] [flags]", "a project's row and recent builds, now or at a point of the log"},
+	{"dead-letters", "[retry] [--reason R | --seq N] [flags]", "print kept messages, one JSON object per line; with retry, re-apply them"},
+	{"rebuild", "[--dry-run] [--batch N] [--allow-truncated] [--incremental] [flags]", "replay the stream into shadow tables and swap them in"},
+	{"verify", "[--no-rebuild] [--wait D] [--max-diff N] [--allow-truncated] [--incremental] [flags]", "check the constraints and that a replay equals the live model"},
+	{"stuck", "[--queued-for D] [--building-for D] [--json] [--time-out] [flags]", "list builds whose worker stopped reporting; --time-out ends them"},
+	{"help", "[COMMAND]", "list the commands, or show a command's flags"},
+}
+
+func usage() string {
+	var b strings.Builder
+	b.WriteString("usage: projector [command] [flags]\n\ncommands:\n")
+	for _, c := range commands {
+		fmt.Fprintf(&b, "  %-13s %s\n", c.name, c.summary)
+	}
+	b.WriteString("\nrun 'projector help COMMAND' or 'projector COMMAND --help' for a command's flags\n")
+	return b.String()
+}
+
+// commandUsage is a command's flag set's usage: synopsis, summary, flags.
+func commandUsage(fs *flag.FlagSet, name string) func() {
+	return func() {
+		for _, c := range commands {
+			if c.name == name {
+				fmt.Fprintf(fs.Output(), "usage: projector %s %s\n\n%s\n\nflags:\n", c.name, c.synopsis, c.summary)
+			}
+		}
+		fs.PrintDefaults()
+	}
+}
+
+func isHelp(arg string) bool {
+	return arg == "-h" || arg == "-help" || arg == "--help" || arg == "--h"
+}
+
+// wantsHelp reports whether args ask for help before any "--".
+func wantsHelp(args []string) bool {
+	for _, a := range args {
+		if a == "--" {
+			return false
+		}
+		if isHelp(a) {
+			return true
+		}
+	}
+	return false
+}
 
 func runProjector(ctx context.Context, args []string, getenv func(string) string, stderr io.Writer) error {
 	fs, c := newFlags("run", getenv, stderr)
@@ -164,7 +220,7 @@ func openStore(ctx context.Context, c *common) (*projection.Store, func(), error
 	if err != nil {
 		return nil, nil, err
 	}
-	if err := projector.MigratePool(ctx, pool); err != nil {
+	if err := projector.CheckPool(ctx, pool); err != nil {
 		pool.Close()
 		return nil, nil, err
 	}
@@ -192,6 +248,13 @@ func runDeadLetters(ctx context.Context, args []string, getenv func(string) stri
 	}
 	if f.Reason != "" && f.Seq != 0 {
 		return errors.New("dead-letters: --reason and --seq are exclusive")
+	}
+	if f.Reason != "" && !slices.Contains(events.Reasons, events.Reason(f.Reason)) {
+		known := make([]string, len(events.Reasons))
+		for i, r := range events.Reasons {
+			known[i] = string(r)
+		}
+		return fmt.Errorf("dead-letters: unknown reason %q; the reasons are: %s", f.Reason, strings.Join(known, ", "))
 	}
 	store, closeStore, err := openStore(ctx, c)
 	if err != nil {
@@ -291,17 +354,23 @@ func runStatus(ctx context.Context, args []string, getenv func(string) string, s
 	if err != nil {
 		return err
 	}
+	newest, err := store.NewestBuild(ctx, projectID)
+	if err != nil {
+		return err
+	}
 	if *asJSON {
 		return json.NewEncoder(stdout).Encode(struct {
 			Project projection.ProjectRow   `json:"project"`
 			Builds  []projection.MetricsRow `json:"recent_builds"`
 		}{row, builds})
 	}
-	printStatus(stdout, row, builds)
+	printStatus(stdout, row, web.Explain(row, newest), builds)
 	return nil
 }
 
-func printStatus(w io.Writer, row projection.ProjectRow, builds []projection.MetricsRow) {
+// printStatus prints a project's row, what in it can surprise (notes, from
+// web.Explain), and its recent builds; every time in when.Layout.
+func printStatus(w io.Writer, row projection.ProjectRow, notes []string, builds []projection.MetricsRow) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintf(tw, "project\t%s\n", row.ProjectID)
 	fmt.Fprintf(tw, "status\t%s\n", row.BuildStatus)
@@ -309,15 +378,21 @@ func printStatus(w io.Writer, row projection.ProjectRow, builds []projection.Met
 	fmt.Fprintf(tw, "last started\t%s\n", timeOrDash(row.LastBuildStarted))
 	fmt.Fprintf(tw, "last completed\t%s\n", timeOrDash(row.LastBuildCompleted))
 	fmt.Fprintf(tw, "framework\t%s\n", orDash(row.Framework))
-	fmt.Fprintf(tw, "updated\t%s\n", row.UpdatedAt.UTC().Format(time.RFC3339))
+	fmt.Fprintf(tw, "updated\t%s\n", timeOrDash(&row.UpdatedAt))
 	tw.Flush()
+	if len(notes) > 0 {
+		fmt.Fprintln(w)
+		for _, n := range notes {
+			fmt.Fprintln(w, "note: "+n)
+		}
+	}
 	if len(builds) == 0 {
 		fmt.Fprintln(w, "\nno builds with metrics yet")
 		return
 	}
 	fmt.Fprintln(w, "\nrecent builds:")
 	tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "BUILD\tSTATUS\tSTARTED\tCOMPLETED\tDURATION\tFRAMEWORK\tNODE\tPM\tATTEMPT\tERROR")
+	fmt.Fprintln(tw, "BUILD\tSTATUS\tQUEUED\tSTARTED\tCOMPLETED\tDURATION\tFRAMEWORK\tNODE\tPM\tATTEMPT\tERROR")
 	for _, b := range builds {
 		dur := "-"
 		if b.DurationMS != nil {
@@ -327,8 +402,8 @@ func printStatus(w io.Writer, row projection.ProjectRow, builds []projection.Met
 		if b.Attempt != nil {
 			attempt = strconv.FormatInt(*b.Attempt, 10)
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", b.BuildID, b.Status,
-			b.StartedAt.UTC().Format(time.RFC3339), timeOrDash(b.CompletedAt), dur,
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", b.BuildID, b.Status,
+			timeOrDash(b.QueuedAt), timeOrDash(&b.StartedAt), timeOrDash(b.CompletedAt), dur,
 			orDash(b.Framework), orDash(b.NodeVersion), orDash(b.PackageManager), attempt, orDash(b.Error))
 	}
 	tw.Flush()
@@ -345,5 +420,5 @@ func timeOrDash(t *time.Time) string {
 	if t == nil {
 		return "-"
 	}
-	return t.UTC().Format(time.RFC3339Nano)
+	return when.Format(*t, time.Local)
 }

@@ -56,6 +56,10 @@ func cli(t *testing.T, e env, args ...string) string {
 	if err := run(context.Background(), append([]string{"projector"}, args...), e.getenv, &out, &errb); err != nil {
 		t.Fatalf("projector %s: %v\n%s", strings.Join(args, " "), err, errb.String())
 	}
+	// A normal close logs no warning (the NATS client's own Close is not a disconnect).
+	if strings.Contains(errb.String(), "nats disconnected") {
+		t.Errorf("projector %s logged a disconnect on its normal close:\n%s", strings.Join(args, " "), errb.String())
+	}
 	return out.String()
 }
 
@@ -148,10 +152,24 @@ func TestRunEndToEnd(t *testing.T) {
 			t.Errorf("GET %s = %q; want it to contain %q", path, body, want)
 		}
 	}
-	body := get(t, "http://"+addr+"/metrics")
-	if !strings.Contains(body, "buildstate_events_applied_total 5") {
-		t.Errorf("/metrics lacks applied 5:\n%s", body)
+	metrics := get(t, "http://"+addr+"/metrics")
+	for _, want := range []string{
+		"buildstate_events_applied_total 5",
+		"buildstate_consumer_lag ",
+		// Named in the README for alerts: present at zero before any retry.
+		`buildstate_write_retries_total{constraint="projects_build_timing_logical",sqlstate="23514"} 0`,
+		`buildstate_write_retries_total{constraint="projects_current_build_fk",sqlstate="23503"} 0`,
+		`buildstate_write_retries_total{constraint="",sqlstate="40001"} 0`,
+		`buildstate_write_retries_total{constraint="",sqlstate="40P01"} 0`,
+	} {
+		if !strings.Contains(metrics, want) {
+			t.Errorf("/metrics lacks %q:\n%s", want, metrics)
+		}
 	}
+	if page := get(t, "http://"+addr+"/"); !strings.Contains(page, `data-project="p-1"`) || !strings.Contains(page, `data-project="p-2"`) {
+		t.Errorf("GET / does not list p-1 and p-2:\n%s", page)
+	}
+	body := metrics
 	// Present from the start, at zero: nothing here is old enough to be stuck.
 	if body := get(t, "http://"+addr+"/metrics"); !strings.Contains(body, `buildstate_builds_stuck{state="queued"} 0`) ||
 		!strings.Contains(body, `buildstate_builds_stuck{state="building"} 0`) {

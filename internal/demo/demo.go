@@ -23,6 +23,7 @@ import (
 	"github.com/buildstate/buildstate/internal/natsjs"
 	"github.com/buildstate/buildstate/internal/projection"
 	"github.com/buildstate/buildstate/internal/projector"
+	"github.com/buildstate/buildstate/internal/when"
 )
 
 // Options of a demo run.
@@ -246,7 +247,7 @@ func clock(t *time.Time) string {
 	if t == nil {
 		return "-"
 	}
-	return t.UTC().Format("15:04:05")
+	return when.Format(*t, time.Local)
 }
 
 func redact(url string) string {

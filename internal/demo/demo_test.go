@@ -34,6 +34,8 @@ func TestDemo(t *testing.T) {
 		`ws-1\s+web-shop\s+succeeded\s`,
 		`seq 17\s+builds.web-shop.started\s+malformed_json`,
 		`0 timing violations, 0 dangling current builds`,
+		// times with date and zone, in the one format (when.Layout)
+		`ws-1\s+web-shop\s+succeeded\s+\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} \S+\s+\d{4}-\d\d-\d\d `,
 	} {
 		if !regexp.MustCompile(want).MatchString(out.String()) {
 			t.Errorf("demo output lacks %q:\n%s", want, out.String())

@@ -42,6 +42,12 @@ const (
 	ReasonRejectedByDatabase Reason = "rejected_by_database"
 )
 
+// Reasons lists every Reason, in the order above.
+var Reasons = []Reason{ReasonBodyTooLarge, ReasonNotUTF8, ReasonMalformedJSON, ReasonSpecVersion,
+	ReasonUnknownType, ReasonBadSubject, ReasonSubjectMismatch, ReasonInvalidProjectID, ReasonInvalidID,
+	ReasonInvalidBuildID, ReasonInvalidOccurredAt, ReasonOccurredInFuture, ReasonInvalidData,
+	ReasonIDConflict, ReasonBuildProjectClash}
+
 // InvalidError says why an event was refused.
 type InvalidError struct {
 	Reason Reason
@@ -656,13 +662,55 @@ func kindName(k jsontext.Kind) string {
 	return ""
 }
 
+// Plain returns err's message for people. The contract's details keep
+// encoding/json's wording (dead letters store it, and a replay must store
+// the same), which names Go types ("json: cannot unmarshal array into Go
+// value of type map[string]json.RawMessage"); Plain names JSON types instead
+// ("got a JSON array; want an object").
+func Plain(err error) string {
+	msg := strings.Replace(err.Error(), "jsontext: ", "invalid JSON: ", 1)
+	for {
+		i := strings.Index(msg, typeErrorPrefix)
+		if i < 0 {
+			return msg
+		}
+		rest := msg[i+len(typeErrorPrefix):]
+		bad, typ, ok := strings.Cut(rest, typeErrorMiddle)
+		if !ok {
+			return msg
+		}
+		typ, tail, _ := strings.Cut(typ, " ")
+		if tail != "" {
+			tail = " " + tail
+		}
+		want, known := jsonTypeOf[typ]
+		if !known {
+			want = typ
+		}
+		msg = msg[:i] + "got a JSON " + bad + "; want " + want + tail
+	}
+}
+
+const (
+	typeErrorPrefix = "json: cannot unmarshal "
+	typeErrorMiddle = " into Go value of type "
+)
+
+// jsonTypeOf names, in JSON's terms, the Go types unmarshalTypeError is given.
+var jsonTypeOf = map[string]string{
+	"map[string]json.RawMessage": "an object",
+	"string":                     "a string",
+	"int":                        "an integer",
+	"int64":                      "an integer",
+}
+
 // unmarshalTypeError is encoding/json's message for a value of JSON type
 // bad read into Go type typ, or "" if bad is "".
 func unmarshalTypeError(bad, typ string) string {
 	if bad == "" {
 		return ""
 	}
-	return "json: cannot unmarshal " + bad + " into Go value of type " + typ
+	return typeErrorPrefix + bad + typeErrorMiddle + typ
 }
 
 // isObject reports whether the JSON value obj (with optional whitespace

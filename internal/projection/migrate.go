@@ -11,9 +11,15 @@ import (
 )
 
 // Migrate applies the embedded migrations to schemaName (created if absent)
-// on conn. tern holds an advisory lock while it migrates, so several
+// on conn, refusing a schema newer than the binary's. tern holds an advisory lock while it migrates, so several
 // projectors starting at once apply each migration once.
 func Migrate(ctx context.Context, conn *pgx.Conn, schemaName string) error {
+	// A schema newer than this binary is refused before anything changes.
+	if have, db, err := schemaVersion(ctx, conn, schemaName); err != nil {
+		return err
+	} else if want := SchemaVersion(); have > want {
+		return &SchemaError{Database: db, Have: have, Want: want}
+	}
 	ident := pgx.Identifier{schemaName}.Sanitize()
 	if _, err := conn.Exec(ctx, "CREATE SCHEMA IF NOT EXISTS "+ident); err != nil {
 		return fmt.Errorf("create schema %s: %w", schemaName, err)

@@ -34,6 +34,16 @@ var ErrRetriesExhausted = errors.New("write retries exhausted")
 // serialization failure, deadlock.
 var retryable = map[string]bool{"23514": true, "23503": true, "40001": true, "40P01": true}
 
+// ExpectedRetries are the (SQLSTATE, constraint) pairs a write retry can
+// report with the schema's constraints: metrics start every pair at zero.
+var ExpectedRetries = [][2]string{
+	{"23514", "projects_build_timing_logical"},
+	{"23514", "project_build_metrics_timing_logical"},
+	{"23503", "projects_current_build_fk"},
+	{"40001", ""},
+	{"40P01", ""},
+}
+
 // Message is one log message as the store sees it.
 type Message struct {
 	Seq      uint64

@@ -21,6 +21,7 @@ import (
 	"github.com/buildstate/buildstate/emitter"
 	"github.com/buildstate/buildstate/internal/natsjs"
 	"github.com/buildstate/buildstate/internal/projection"
+	"github.com/buildstate/buildstate/internal/web"
 )
 
 // Config is everything the projector is told.
@@ -106,6 +107,13 @@ func MigratePool(ctx context.Context, pool *pgxpool.Pool) error {
 	return nil
 }
 
+// CheckPool returns nil if the live schema is at this binary's version, and
+// says what to do if not (projection.SchemaError). It changes nothing: the
+// commands other than run and migrate only read or replay.
+func CheckPool(ctx context.Context, pool *pgxpool.Pool) error {
+	return projection.CheckSchema(ctx, pool, projection.LiveSchema)
+}
+
 // ConnectNATS connects with endless reconnects, so an outage is waited out.
 func ConnectNATS(url, name string, log *zap.Logger) (*nats.Conn, error) {
 	nc, err := nats.Connect(url,
@@ -113,7 +121,11 @@ func ConnectNATS(url, name string, log *zap.Logger) (*nats.Conn, error) {
 		nats.MaxReconnects(-1),
 		nats.ReconnectWait(250*time.Millisecond),
 		nats.RetryOnFailedConnect(false),
-		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) { log.Warn("nats disconnected", zap.Error(err)) }),
+		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
+			if err != nil { // nil: our own Close
+				log.Warn("nats disconnected", zap.Error(err))
+			}
+		}),
 		nats.ReconnectHandler(func(c *nats.Conn) { log.Info("nats reconnected", zap.String("url", c.ConnectedUrl())) }),
 		nats.ErrorHandler(func(_ *nats.Conn, sub *nats.Subscription, err error) {
 			subject := ""
@@ -177,7 +189,8 @@ func Run(ctx context.Context, cfg Config) error {
 			return fmt.Errorf("http: listen %s: %w", cfg.HTTPAddr, err)
 		}
 		httpAddr = ln.Addr().String()
-		srv := &http.Server{Handler: routes(tel, loop, pool, nc), ReadHeaderTimeout: 5 * time.Second}
+		pages := web.New(web.Options{Store: store, Stats: tel.Stats, Logger: log})
+		srv := &http.Server{Handler: routes(tel, loop, pool, nc, pages), ReadHeaderTimeout: 5 * time.Second}
 		wg.Add(2)
 		go func() {
 			defer wg.Done()
@@ -253,6 +266,7 @@ func watchLag(ctx context.Context, cons jetstream.Consumer, tel *Telemetry, log 
 	defer t.Stop()
 	for {
 		info, err := cons.Info(ctx)
+		tel.sample(time.Now())
 		if err == nil {
 			tel.Lag.Set(float64(info.NumPending + uint64(info.NumAckPending)))
 		} else if ctx.Err() == nil {
@@ -266,8 +280,9 @@ func watchLag(ctx context.Context, cons jetstream.Consumer, tel *Telemetry, log 
 	}
 }
 
-func routes(tel *Telemetry, loop *natsjs.Loop, pool *pgxpool.Pool, nc *nats.Conn) http.Handler {
+func routes(tel *Telemetry, loop *natsjs.Loop, pool *pgxpool.Pool, nc *nats.Conn, pages *web.Handler) http.Handler {
 	mux := http.NewServeMux()
+	pages.Register(mux)
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		fmt.Fprintln(w, "ok")
 	})

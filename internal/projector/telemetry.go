@@ -1,11 +1,16 @@
 package projector
 
 import (
+	"sync"
+	"time"
+
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+	dto "github.com/prometheus/client_model/go"
 
 	"github.com/buildstate/buildstate/internal/events"
 	"github.com/buildstate/buildstate/internal/projection"
+	"github.com/buildstate/buildstate/internal/web"
 )
 
 // Telemetry is the projector's Prometheus metrics.
@@ -19,10 +24,16 @@ type Telemetry struct {
 	Batches      prometheus.Histogram
 	Stuck        *prometheus.GaugeVec
 	Dropped      *prometheus.CounterVec
+
+	mu      sync.Mutex // guards the rate's sample
+	sampled time.Time
+	applied float64
+	perSec  float64
 }
 
 // NewTelemetry registers the metrics on a fresh registry (with the Go and
-// process collectors).
+// process collectors). Every metric exists from the start, at zero:
+// buildstate_write_retries_total with each label pair a retry can report.
 func NewTelemetry() *Telemetry {
 	t := &Telemetry{
 		Registry: prometheus.NewRegistry(),
@@ -59,6 +70,9 @@ func NewTelemetry() *Telemetry {
 	for _, f := range events.Measurements() {
 		t.Dropped.WithLabelValues(f) // every field from zero, not from its first drop
 	}
+	for _, l := range projection.ExpectedRetries {
+		t.Retries.WithLabelValues(l[0], l[1])
+	}
 	t.Registry.MustRegister(t.Applied, t.DeadLettered, t.Duplicates, t.Lag, t.Retries, t.Batches, t.Stuck, t.Dropped,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return t
@@ -72,4 +86,37 @@ func (t *Telemetry) FieldDropped(field string) {
 // WriteRetried counts a retried write (projection.Observer).
 func (t *Telemetry) WriteRetried(sqlstate, constraint string) {
 	t.Retries.WithLabelValues(sqlstate, constraint).Inc()
+}
+
+// sample updates the applied-events rate from the counter's growth since
+// the last sample; the lag watcher calls it every few seconds.
+func (t *Telemetry) sample(now time.Time) {
+	n := value(t.Applied)
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if !t.sampled.IsZero() {
+		if d := now.Sub(t.sampled).Seconds(); d > 0 {
+			t.perSec = (n - t.applied) / d
+		}
+	}
+	t.sampled, t.applied = now, n
+}
+
+// Stats are the live figures the status page shows.
+func (t *Telemetry) Stats() web.Stats {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return web.Stats{Lag: value(t.Lag), EventsPerSecond: t.perSec}
+}
+
+// value reads a counter or gauge.
+func value(m prometheus.Metric) float64 {
+	var d dto.Metric
+	if err := m.Write(&d); err != nil {
+		return 0
+	}
+	if c := d.GetCounter(); c != nil {
+		return c.GetValue()
+	}
+	return d.GetGauge().GetValue()
 }
