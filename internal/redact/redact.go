@@ -66,3 +66,17 @@ func (v *secretValue) String() string {
 }
 
 func (v *secretValue) Set(s string) error { *v = secretValue(s); return nil }
+
+// Error returns err with its message redacted (URL), keeping err in the
+// chain for errors.Is and errors.As. A nil err gives nil.
+func Error(err error) error {
+	if err == nil {
+		return nil
+	}
+	return &redacted{err}
+}
+
+type redacted struct{ err error }
+
+func (e *redacted) Error() string { return URL(e.err.Error()) }
+func (e *redacted) Unwrap() error { return e.err }

@@ -2,7 +2,9 @@ package redact
 
 import (
 	"bytes"
+	"errors"
 	"flag"
+	"fmt"
 	"strings"
 	"testing"
 )
@@ -51,5 +53,16 @@ func TestFlagsHideDefaults(t *testing.T) {
 	}
 	if err := fs.Parse([]string{"-url", "nats://x:y@h", "-password", "other"}); err != nil || u != "nats://x:y@h" || p != "other" {
 		t.Errorf("after Parse: %q, %q, %v; want the values given", u, p, err)
+	}
+}
+
+func TestError(t *testing.T) {
+	base := errors.New("dial nats://u:s3cret@h:1: refused")
+	err := fmt.Errorf("connect: %w", Error(base))
+	if strings.Contains(err.Error(), "s3cret") || !errors.Is(err, base) {
+		t.Errorf("Error(%v) = %q, errors.Is %v; want redacted and still in the chain", base, err, errors.Is(err, base))
+	}
+	if Error(nil) != nil {
+		t.Errorf("Error(nil) != nil")
 	}
 }
