@@ -4,6 +4,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -54,33 +55,34 @@ func (c *Client) AddFlags(fs *flag.FlagSet, getenv func(string) string) {
 
 // Options are the nats.go options that carry c's authentication and TLS.
 func (c Client) Options() ([]nats.Option, error) {
-	var opts []nats.Option
 	var ways []string
-	if c.CredsFile != "" {
-		ways = append(ways, "NATS_CREDS")
-		opts = append(opts, nats.UserCredentials(c.CredsFile))
+	for _, w := range []struct{ env, v string }{
+		{"NATS_CREDS", c.CredsFile}, {"NATS_NKEY_SEED", c.NKeySeedFile}, {"NATS_USER", c.User}, {"NATS_TOKEN", c.Token},
+	} {
+		if w.v != "" {
+			ways = append(ways, w.env)
+		}
 	}
-	if c.NKeySeedFile != "" {
-		ways = append(ways, "NATS_NKEY_SEED")
+	if len(ways) > 1 {
+		return nil, fmt.Errorf("nats: give one way to authenticate, not %s", strings.Join(ways, " and "))
+	}
+	if c.Password != "" && c.User == "" {
+		return nil, errors.New("nats: NATS_PASSWORD (--nats-password) is set without NATS_USER (--nats-user)")
+	}
+	var opts []nats.Option
+	switch {
+	case c.CredsFile != "":
+		opts = append(opts, nats.UserCredentials(c.CredsFile))
+	case c.NKeySeedFile != "":
 		o, err := nats.NkeyOptionFromSeed(c.NKeySeedFile)
 		if err != nil {
 			return nil, fmt.Errorf("nats: nkey seed %s: %w", c.NKeySeedFile, err)
 		}
 		opts = append(opts, o)
-	}
-	switch {
 	case c.User != "":
-		ways = append(ways, "NATS_USER")
 		opts = append(opts, nats.UserInfo(c.User, c.Password))
-	case c.Password != "":
-		return nil, errors.New("nats: NATS_PASSWORD (--nats-password) is set without NATS_USER (--nats-user)")
-	}
-	if c.Token != "" {
-		ways = append(ways, "NATS_TOKEN")
+	case c.Token != "":
 		opts = append(opts, nats.Token(c.Token))
-	}
-	if len(ways) > 1 {
-		return nil, fmt.Errorf("nats: give one way to authenticate, not %v", ways)
 	}
 	if c.TLSCA != "" {
 		opts = append(opts, nats.RootCAs(c.TLSCA))
