@@ -181,3 +181,8 @@ func TestIngestWithoutStream(t *testing.T) {
 		t.Errorf("POST with no stream = %d %v; want 503 naming the missing stream", code, got)
 	}
 }
+
+func jsonDecode(resp *http.Response, v any) error {
+	defer resp.Body.Close()
+	return json.NewDecoder(resp.Body).Decode(v)
+}
