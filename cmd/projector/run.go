@@ -35,7 +35,7 @@ func newFlags(name string, getenv func(string) string, stderr io.Writer) (*flag.
 	fs := flag.NewFlagSet("projector "+name, flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	c := &common{}
-	redact.URLVar(fs, &c.cfg.DatabaseURL, "database-url", envOr(getenv, "DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable"), "Postgres URL (env DATABASE_URL)")
+	redact.URLVar(fs, &c.cfg.DatabaseURL, "database-url", envOr(getenv, "DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable"), "Postgres `URL` (env DATABASE_URL)")
 	c.cfg.NATS.AddFlags(fs, getenv)
 	fs.StringVar(&c.cfg.Stream, "stream", envOr(getenv, "BUILDS_STREAM", "BUILDS"), "JetStream stream (env BUILDS_STREAM)")
 	fs.StringVar(&c.cfg.Prefix, "subject-prefix", envOr(getenv, "BUILDS_SUBJECT_PREFIX", "builds"), "subject prefix (env BUILDS_SUBJECT_PREFIX)")

@@ -42,12 +42,12 @@ func (c *Client) AddFlags(fs *flag.FlagSet, getenv func(string) string) {
 		return def
 	}
 	redact.URLVar(fs, &c.URL, "nats-url", env("NATS_URL", DefaultURL),
-		"NATS server URL, or a comma-separated list of a cluster's (env NATS_URL)")
+		"NATS server `URL`, or a comma-separated list of a cluster's (env NATS_URL)")
 	fs.StringVar(&c.CredsFile, "nats-creds", getenv("NATS_CREDS"), "NATS credentials file (env NATS_CREDS)")
 	fs.StringVar(&c.NKeySeedFile, "nats-nkey-seed", getenv("NATS_NKEY_SEED"), "file holding a NATS user nkey seed (env NATS_NKEY_SEED)")
 	fs.StringVar(&c.User, "nats-user", getenv("NATS_USER"), "NATS user, with --nats-password (env NATS_USER)")
-	redact.SecretVar(fs, &c.Password, "nats-password", getenv("NATS_PASSWORD"), "NATS password (env NATS_PASSWORD; prefer the environment to the flag)")
-	redact.SecretVar(fs, &c.Token, "nats-token", getenv("NATS_TOKEN"), "NATS token (env NATS_TOKEN; prefer the environment to the flag)")
+	redact.SecretVar(fs, &c.Password, "nats-password", getenv("NATS_PASSWORD"), "NATS `password` (env NATS_PASSWORD; prefer the environment to the flag)")
+	redact.SecretVar(fs, &c.Token, "nats-token", getenv("NATS_TOKEN"), "NATS `token` (env NATS_TOKEN; prefer the environment to the flag)")
 	fs.StringVar(&c.TLSCA, "nats-tls-ca", getenv("NATS_TLS_CA"), "PEM file of the CAs that sign the NATS server's certificate (env NATS_TLS_CA)")
 	fs.StringVar(&c.TLSCert, "nats-tls-cert", getenv("NATS_TLS_CERT"), "PEM client certificate for mutual TLS, with --nats-tls-key (env NATS_TLS_CERT)")
 	fs.StringVar(&c.TLSKey, "nats-tls-key", getenv("NATS_TLS_KEY"), "PEM key of --nats-tls-cert (env NATS_TLS_KEY)")
