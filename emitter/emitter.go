@@ -112,31 +112,55 @@ type Completion struct {
 	Error      string         // "": none
 }
 
-// Queued publishes build.queued for buildID of projectID. A zero at means
-// now. It returns the event's stream sequence.
-func (p *Publisher) Queued(ctx context.Context, projectID, buildID string, at time.Time) (uint64, error) {
-	return p.Publish(ctx, events.New(events.KindQueued, projectID, buildID, orNow(at), events.Data{}))
+// Event is an event of the contract (internal/events). Build one with
+// NewQueued, NewStarted, NewMetricsRecorded or NewCompleted.
+type Event = events.Event
+
+// NewQueued returns a build.queued event for buildID of projectID, with a
+// fresh id. A zero at means now.
+func NewQueued(projectID, buildID string, at time.Time) Event {
+	return events.New(events.KindQueued, projectID, buildID, orNow(at), events.Data{})
 }
 
-// Started publishes build.started; framework "" is left out.
-func (p *Publisher) Started(ctx context.Context, projectID, buildID string, at time.Time, framework string) (uint64, error) {
-	return p.Publish(ctx, events.New(events.KindStarted, projectID, buildID, orNow(at),
-		events.Data{Framework: ptr(framework)}))
+// NewStarted returns a build.started event; framework "" is left out.
+func NewStarted(projectID, buildID string, at time.Time, framework string) Event {
+	return events.New(events.KindStarted, projectID, buildID, orNow(at), events.Data{Framework: ptr(framework)})
 }
 
-// MetricsRecorded publishes build.metrics_recorded with m.
-func (p *Publisher) MetricsRecorded(ctx context.Context, projectID, buildID string, at time.Time, m Metrics) (uint64, error) {
+// NewMetricsRecorded returns a build.metrics_recorded event with m.
+func NewMetricsRecorded(projectID, buildID string, at time.Time, m Metrics) Event {
 	d := events.Data{Framework: ptr(m.Framework), NodeVersion: ptr(m.NodeVersion), PackageManager: ptr(m.PackageManager)}
 	if m.Attempt != 0 {
 		d.Attempt = &m.Attempt
 	}
-	return p.Publish(ctx, events.New(events.KindMetricsRecorded, projectID, buildID, orNow(at), d))
+	return events.New(events.KindMetricsRecorded, projectID, buildID, orNow(at), d)
 }
 
-// Completed publishes build.completed with c.
-func (p *Publisher) Completed(ctx context.Context, projectID, buildID string, at time.Time, c Completion) (uint64, error) {
+// NewCompleted returns a build.completed event with c.
+func NewCompleted(projectID, buildID string, at time.Time, c Completion) Event {
 	d := events.Data{Outcome: c.Outcome, DurationMS: c.DurationMS, Error: ptr(c.Error)}
-	return p.Publish(ctx, events.New(events.KindCompleted, projectID, buildID, orNow(at), d))
+	return events.New(events.KindCompleted, projectID, buildID, orNow(at), d)
+}
+
+// Queued publishes NewQueued(projectID, buildID, at) and returns its
+// stream sequence.
+func (p *Publisher) Queued(ctx context.Context, projectID, buildID string, at time.Time) (uint64, error) {
+	return p.Publish(ctx, NewQueued(projectID, buildID, at))
+}
+
+// Started publishes NewStarted.
+func (p *Publisher) Started(ctx context.Context, projectID, buildID string, at time.Time, framework string) (uint64, error) {
+	return p.Publish(ctx, NewStarted(projectID, buildID, at, framework))
+}
+
+// MetricsRecorded publishes NewMetricsRecorded.
+func (p *Publisher) MetricsRecorded(ctx context.Context, projectID, buildID string, at time.Time, m Metrics) (uint64, error) {
+	return p.Publish(ctx, NewMetricsRecorded(projectID, buildID, at, m))
+}
+
+// Completed publishes NewCompleted.
+func (p *Publisher) Completed(ctx context.Context, projectID, buildID string, at time.Time, c Completion) (uint64, error) {
+	return p.Publish(ctx, NewCompleted(projectID, buildID, at, c))
 }
 
 // Publish validates ev, publishes it to <prefix>.<project_id>.<kind> with
@@ -153,18 +177,9 @@ func (p *Publisher) Publish(ctx context.Context, ev events.Event) (uint64, error
 
 // publish is Publish returning the whole ack.
 func (p *Publisher) publish(ctx context.Context, ev events.Event) (*jetstream.PubAck, error) {
-	if err := events.Validate(ev, time.Time{}); err != nil {
-		return nil, fmt.Errorf("invalid event: %w", err)
-	}
-	body, err := ev.Marshal()
+	body, err := encode(ev)
 	if err != nil {
-		return nil, fmt.Errorf("encode event %s: %w", ev.ID, err)
-	}
-	if len(body) > events.MaxBodySize {
-		return nil, fmt.Errorf("invalid event: %w", &events.InvalidError{
-			Reason: events.ReasonBodyTooLarge,
-			Detail: fmt.Sprintf("encoded event is %d bytes; the limit is %d", len(body), events.MaxBodySize),
-		})
+		return nil, err
 	}
 	subject := events.Subject(p.prefix, ev.ProjectID, ev.Kind())
 
@@ -185,12 +200,7 @@ func (p *Publisher) publish(ctx context.Context, ev events.Event) (*jetstream.Pu
 		}
 		return nil, err
 	},
-		backoff.WithBackOff(&backoff.ExponentialBackOff{
-			InitialInterval:     100 * time.Millisecond,
-			RandomizationFactor: 0.5,
-			Multiplier:          2,
-			MaxInterval:         2 * time.Second,
-		}),
+		backoff.WithBackOff(retryBackOff()),
 		backoff.WithMaxTries(uint(p.retries)+1),
 		backoff.WithMaxElapsedTime(0),
 		backoff.WithNotify(func(err error, wait time.Duration) {
@@ -205,6 +215,35 @@ func (p *Publisher) publish(ctx context.Context, ev events.Event) (*jetstream.Pu
 		return nil, fmt.Errorf("publish %s: %w %s (%d attempts): %w", ev.ID, ErrNoStream, subject, attempt, err)
 	default:
 		return nil, fmt.Errorf("publish %s to %s (%d attempts): %w", ev.ID, subject, attempt, err)
+	}
+}
+
+// encode validates ev and returns the bytes to send: what every way of
+// publishing (JetStream, HTTP) sends, so none sends an event another refuses.
+func encode(ev events.Event) ([]byte, error) {
+	if err := events.Validate(ev, time.Time{}); err != nil {
+		return nil, fmt.Errorf("invalid event: %w", err)
+	}
+	body, err := ev.Marshal()
+	if err != nil {
+		return nil, fmt.Errorf("encode event %s: %w", ev.ID, err)
+	}
+	if len(body) > events.MaxBodySize {
+		return nil, fmt.Errorf("invalid event: %w", &events.InvalidError{
+			Reason: events.ReasonBodyTooLarge,
+			Detail: fmt.Sprintf("encoded event is %d bytes; the limit is %d", len(body), events.MaxBodySize),
+		})
+	}
+	return body, nil
+}
+
+// retryBackOff is the wait between attempts of every retried call.
+func retryBackOff() backoff.BackOff {
+	return &backoff.ExponentialBackOff{
+		InitialInterval:     100 * time.Millisecond,
+		RandomizationFactor: 0.5,
+		Multiplier:          2,
+		MaxInterval:         2 * time.Second,
 	}
 }
 

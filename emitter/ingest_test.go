@@ -15,9 +15,41 @@ import (
 	"github.com/buildstate/buildstate/internal/events"
 )
 
+// testSecret is the HMAC secret of the tests' ingest handlers.
+const testSecret = "test-secret-0123456789abcdef"
+
+// newIngest serves NewHandler(pub) verifying testSecret.
+func newIngest(t *testing.T, pub *Publisher) *httptest.Server {
+	t.Helper()
+	v, err := NewVerifier([]string{testSecret})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewServer(NewHandler(pub, HandlerOptions{Verifier: v}))
+	t.Cleanup(srv.Close)
+	return srv
+}
+
+// post POSTs body to /v1/events signed with testSecret.
 func post(t *testing.T, url, body string) (int, map[string]any) {
 	t.Helper()
-	resp, err := http.Post(url+"/v1/events", "application/json", strings.NewReader(body))
+	return postWith(t, url+"/v1/events", "application/json", Sign([]byte(testSecret), time.Now(), []byte(body)), body)
+}
+
+// postWith POSTs body as it is told and decodes the JSON answer.
+func postWith(t *testing.T, url, contentType, signature, body string) (int, map[string]any) {
+	t.Helper()
+	req, err := http.NewRequest("POST", url, strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if contentType != "" {
+		req.Header.Set("Content-Type", contentType)
+	}
+	if signature != "" {
+		req.Header.Set(SignatureHeader, signature)
+	}
+	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatalf("POST /v1/events: %v", err)
 	}
@@ -32,8 +64,7 @@ func post(t *testing.T, url, body string) (int, map[string]any) {
 func TestIngest(t *testing.T) {
 	js := startJetStream(t)
 	s := ensureStream(t, js)
-	srv := httptest.NewServer(NewHandler(New(js, Options{}), nil))
-	defer srv.Close()
+	srv := newIngest(t, New(js, Options{}))
 
 	at := time.Now().Add(-time.Minute).UTC().Format(time.RFC3339Nano)
 	event := func(fields string) string {
@@ -171,12 +202,16 @@ func TestIngest(t *testing.T) {
 
 func TestIngestWithoutStream(t *testing.T) {
 	js := startJetStream(t)
-	srv := httptest.NewServer(NewHandler(New(js, Options{Retries: -1}), nil))
-	defer srv.Close()
+	srv := newIngest(t, New(js, Options{Retries: -1}))
 	body := fmt.Sprintf(`{"spec_version":1,"id":"e-1","type":"build.queued","project_id":"p-1","build_id":"b-1","occurred_at":%q}`,
 		time.Now().UTC().Format(time.RFC3339Nano))
 	code, got := post(t, srv.URL, body)
-	if code != http.StatusServiceUnavailable || !strings.Contains(fmt.Sprint(got["error"]), "no JetStream stream") {
+	if code != http.StatusServiceUnavailable || got["reason"] != string(ReasonUnavailable) || !strings.Contains(fmt.Sprint(got["error"]), "no JetStream stream") {
 		t.Errorf("POST with no stream = %d %v; want 503 naming the missing stream", code, got)
 	}
+}
+
+func jsonDecode(resp *http.Response, v any) error {
+	defer resp.Body.Close()
+	return json.NewDecoder(resp.Body).Decode(v)
 }

@@ -93,7 +93,7 @@ func runLoad(ctx context.Context, args []string, getenv func(string) string, std
 		failed              []*nats.Msg
 		firstErr            error
 	)
-	nc, err := nf.connect("buildstate emitter load")
+	nc, err := nf.connect("buildstate emitter load", nil)
 	if err != nil {
 		return err
 	}

@@ -21,6 +21,8 @@ import (
 	"github.com/nats-io/nats.go"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
+
+	"github.com/buildstate/buildstate/internal/natsjs"
 )
 
 func main() {
@@ -91,9 +93,8 @@ func wantsHelp(args []string) bool {
 
 // Defaults shared by the commands.
 const (
-	defaultNATSURL = "nats://127.0.0.1:4222"
-	defaultPrefix  = "builds"
-	defaultStream  = "BUILDS"
+	defaultPrefix = "builds"
+	defaultStream = "BUILDS"
 )
 
 func envOr(getenv func(string) string, key, def string) string {
@@ -105,23 +106,21 @@ func envOr(getenv func(string) string, key, def string) string {
 
 // natsFlags are the connection flags every command has.
 type natsFlags struct {
-	url, prefix string
+	client natsjs.Client
+	prefix string
 }
 
 func addNATSFlags(fs *flag.FlagSet, getenv func(string) string) *natsFlags {
 	f := &natsFlags{}
-	fs.StringVar(&f.url, "nats-url", envOr(getenv, "NATS_URL", defaultNATSURL), "NATS server URL (env NATS_URL)")
+	f.client.AddFlags(fs, getenv)
 	fs.StringVar(&f.prefix, "subject-prefix", envOr(getenv, "BUILDS_SUBJECT_PREFIX", defaultPrefix),
 		"subject prefix: events go to <prefix>.<project_id>.<kind> (env BUILDS_SUBJECT_PREFIX)")
 	return f
 }
 
-func (f *natsFlags) connect(name string, opts ...nats.Option) (*nats.Conn, error) {
-	nc, err := nats.Connect(f.url, append([]nats.Option{nats.Name(name)}, opts...)...)
-	if err != nil {
-		return nil, fmt.Errorf("connect to NATS at %s: %w", f.url, err)
-	}
-	return nc, nil
+// connect connects as the flags say (natsjs.Connect), logging reconnects to log.
+func (f *natsFlags) connect(name string, log *zap.Logger) (*nats.Conn, error) {
+	return natsjs.Connect(f.client, name, log)
 }
 
 // newFlagSet makes a command's flag set, writing usage and errors to stderr.

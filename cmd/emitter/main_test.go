@@ -13,6 +13,7 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/buildstate/buildstate/emitter"
 	"github.com/buildstate/buildstate/internal/events"
 	"github.com/buildstate/buildstate/internal/natsjs"
 	"github.com/buildstate/buildstate/internal/testenv"
@@ -178,7 +179,7 @@ func TestPublishWithoutStream(t *testing.T) {
 
 func TestPublishWithoutServer(t *testing.T) {
 	_, _, err := runCmd(t, env("NATS_URL", "nats://127.0.0.1:1"), "publish", "--type", "queued", "--project", "p-1", "--build", "b-1")
-	if err == nil || !strings.Contains(err.Error(), "connect to NATS at nats://127.0.0.1:1") {
+	if err == nil || !strings.Contains(err.Error(), "nats: connect nats://127.0.0.1:1") {
 		t.Errorf("publish with no server = %v; want a connect error naming the URL", err)
 	}
 }
@@ -235,6 +236,9 @@ func TestCommands(t *testing.T) {
 	}
 }
 
+// serveSecret is the HMAC secret the tests give emitter serve.
+const serveSecret = "serve-secret-0123456789abcdef"
+
 func TestServe(t *testing.T) {
 	url, js := startNATS(t)
 	s, err := natsjs.EnsureStream(context.Background(), js, "BUILDS", "builds", 1)
@@ -246,14 +250,18 @@ func TestServe(t *testing.T) {
 	var stdout, stderr testenv.SyncBuffer
 	done := make(chan error, 1)
 	go func() {
-		done <- run(ctx, []string{"emitter", "serve", "--http-addr", "127.0.0.1:0"}, env("NATS_URL", url), &stdout, &stderr)
+		done <- run(ctx, []string{"emitter", "serve", "--http-addr", "127.0.0.1:0"},
+			env("NATS_URL", url, "EMITTER_HMAC_SECRETS", serveSecret), &stdout, &stderr)
 	}()
 
 	addr := waitForListening(t, &stderr, done)
 	base := "http://" + addr
 	body := fmt.Sprintf(`{"spec_version":1,"id":"e-1","type":"build.queued","project_id":"p-1","build_id":"b-1","occurred_at":%q}`,
 		time.Now().UTC().Format(time.RFC3339Nano))
-	resp, err := http.Post(base+"/v1/events", "application/json", strings.NewReader(body))
+	req, _ := http.NewRequest("POST", base+"/v1/events", strings.NewReader(body))
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set(emitter.SignatureHeader, emitter.Sign([]byte(serveSecret), time.Now(), []byte(body)))
+	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatal(err)
 	}

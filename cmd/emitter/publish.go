@@ -37,7 +37,7 @@ func runPublish(ctx context.Context, args []string, getenv func(string) string, 
 		return err
 	}
 
-	nc, err := nf.connect("buildstate emitter publish")
+	nc, err := nf.connect("buildstate emitter publish", nil)
 	if err != nil {
 		return err
 	}

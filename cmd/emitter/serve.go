@@ -7,14 +7,15 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"time"
 
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"go.uber.org/zap"
 
 	"github.com/buildstate/buildstate/emitter"
 	"github.com/buildstate/buildstate/internal/events"
+	"github.com/buildstate/buildstate/internal/httpserve"
 )
 
 // shutdownTimeout bounds the wait for in-flight requests on SIGTERM.
@@ -26,6 +27,10 @@ func runServe(ctx context.Context, args []string, getenv func(string) string, st
 	fs := newFlagSet("serve", stderr)
 	nf := addNATSFlags(fs, getenv)
 	addr := fs.String("http-addr", envOr(getenv, "EMITTER_HTTP_ADDR", ":8080"), "HTTP listen address (env EMITTER_HTTP_ADDR)")
+	secretsFile := fs.String("hmac-secrets-file", getenv("EMITTER_HMAC_SECRETS_FILE"),
+		"file of HMAC secrets, one per line, any of which verifies a request (env EMITTER_HMAC_SECRETS_FILE); "+
+			"or give them comma-separated in env EMITTER_HMAC_SECRETS")
+	insecure := fs.Bool("insecure-no-auth", false, "accept unsigned requests from anyone who can reach --http-addr (local experiments only)")
 	timeout := fs.Duration("timeout", emitter.DefaultTimeout, "wait for each JetStream ack attempt")
 	logFormat := fs.String("log-format", "json", "log format: json or console")
 	if err := parse(fs, args); err != nil {
@@ -37,15 +42,30 @@ func runServe(ctx context.Context, args []string, getenv func(string) string, st
 	}
 	defer log.Sync()
 
-	nc, err := nf.connect("buildstate emitter serve",
-		nats.MaxReconnects(-1),
-		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
-			if err != nil { // nil: our own Close
-				log.Warn("nats disconnected", zap.Error(err))
-			}
-		}),
-		nats.ReconnectHandler(func(nc *nats.Conn) { log.Info("nats reconnected", zap.String("url", nc.ConnectedUrlRedacted())) }),
-	)
+	opts := emitter.HandlerOptions{Logger: log, InsecureNoAuth: *insecure}
+	secrets := emitter.ParseSecrets(getenv("EMITTER_HMAC_SECRETS"), ",")
+	if *secretsFile != "" {
+		b, err := os.ReadFile(*secretsFile)
+		if err != nil {
+			return fmt.Errorf("--hmac-secrets-file: %w", err)
+		}
+		secrets = append(secrets, emitter.ParseSecrets(string(b), "\n")...)
+	}
+	switch {
+	case *insecure:
+		log.Error("INSECURE: --insecure-no-auth: every request is accepted unsigned, from anyone who can reach the listen address; " +
+			"never run this where another machine can reach it")
+	case len(secrets) == 0:
+		return errors.New("serve: no HMAC secret: set EMITTER_HMAC_SECRETS (comma-separated) or --hmac-secrets-file " +
+			"(one per line; make one with openssl rand -hex 32), or pass --insecure-no-auth for a local experiment")
+	default:
+		if opts.Verifier, err = emitter.NewVerifier(secrets); err != nil {
+			return fmt.Errorf("serve: %w", err)
+		}
+		log.Info("requests must be signed", zap.Int("secrets", len(secrets)))
+	}
+
+	nc, err := nf.connect("buildstate emitter serve", log)
 	if err != nil {
 		return err
 	}
@@ -68,12 +88,7 @@ func runServe(ctx context.Context, args []string, getenv func(string) string, st
 	if err != nil {
 		return fmt.Errorf("listen on %s: %w", *addr, err)
 	}
-	srv := &http.Server{
-		Handler:           emitter.NewHandler(pub, log),
-		ReadHeaderTimeout: 10 * time.Second,
-		ReadTimeout:       30 * time.Second,
-		ErrorLog:          zap.NewStdLog(log),
-	}
+	srv := httpserve.New(emitter.NewHandler(pub, opts), log)
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()
 	log.Info("listening", zap.String("addr", ln.Addr().String()))

@@ -17,6 +17,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/buildstate/buildstate/internal/fsm"
+	"github.com/buildstate/buildstate/internal/natsjs"
 	"github.com/buildstate/buildstate/internal/projection"
 	"github.com/buildstate/buildstate/internal/projector"
 	"github.com/buildstate/buildstate/internal/replay"
@@ -187,7 +188,7 @@ func openReplay(ctx context.Context, c *common, log *zap.Logger) (*pgxpool.Pool,
 }
 
 func openLog(c *common, log *zap.Logger) (replay.Log, *nats.Conn, error) {
-	nc, err := projector.ConnectNATS(c.cfg.NATSURL, "buildstate-projector-replay", log)
+	nc, err := natsjs.Connect(c.cfg.NATS, "buildstate-projector-replay", log)
 	if err != nil {
 		return replay.Log{}, nil, err
 	}

@@ -24,6 +24,7 @@ import (
 	"github.com/buildstate/buildstate/internal/events"
 	"github.com/buildstate/buildstate/internal/projection"
 	"github.com/buildstate/buildstate/internal/projector"
+	"github.com/buildstate/buildstate/internal/redact"
 	"github.com/buildstate/buildstate/internal/web"
 	"github.com/buildstate/buildstate/internal/when"
 )
@@ -40,8 +41,8 @@ func newFlags(name string, getenv func(string) string, stderr io.Writer) (*flag.
 	fs.SetOutput(stderr)
 	fs.Usage = commandUsage(fs, name)
 	c := &common{}
-	fs.StringVar(&c.cfg.DatabaseURL, "database-url", envOr(getenv, "DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable"), "Postgres URL (env DATABASE_URL)")
-	fs.StringVar(&c.cfg.NATSURL, "nats-url", envOr(getenv, "NATS_URL", "nats://127.0.0.1:4222"), "NATS URL (env NATS_URL)")
+	redact.URLVar(fs, &c.cfg.DatabaseURL, "database-url", envOr(getenv, "DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable"), "Postgres `URL` (env DATABASE_URL)")
+	c.cfg.NATS.AddFlags(fs, getenv)
 	fs.StringVar(&c.cfg.Stream, "stream", envOr(getenv, "BUILDS_STREAM", "BUILDS"), "JetStream stream (env BUILDS_STREAM)")
 	fs.StringVar(&c.cfg.Prefix, "subject-prefix", envOr(getenv, "BUILDS_SUBJECT_PREFIX", "builds"), "subject prefix (env BUILDS_SUBJECT_PREFIX)")
 	fs.StringVar(&c.cfg.Durable, "durable", envOr(getenv, "PROJECTOR_DURABLE", "projector"), "durable consumer name (env PROJECTOR_DURABLE)")

@@ -12,6 +12,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/buildstate/buildstate/emitter"
+	"github.com/buildstate/buildstate/internal/natsjs"
 	"github.com/buildstate/buildstate/internal/projection"
 	"github.com/buildstate/buildstate/internal/projector"
 )
@@ -55,7 +56,7 @@ func runStuck(ctx context.Context, args []string, getenv func(string) string, st
 		if err != nil {
 			return err
 		}
-		nc, err := projector.ConnectNATS(c.cfg.NATSURL, "buildstate-projector-stuck", log)
+		nc, err := natsjs.Connect(c.cfg.NATS, "buildstate-projector-stuck", log)
 		if err != nil {
 			return err
 		}

@@ -69,7 +69,7 @@ func Run(ctx context.Context, o Options) error {
 	defer func() { srv.Shutdown(); srv.WaitForShutdown() }()
 	logf("embedded NATS JetStream at %s", srv.ClientURL())
 
-	nc, err := projector.ConnectNATS(srv.ClientURL(), "buildstate-demo", o.Log)
+	nc, err := natsjs.Connect(natsjs.Client{URL: srv.ClientURL()}, "buildstate-demo", o.Log)
 	if err != nil {
 		return err
 	}
@@ -116,7 +116,7 @@ func Run(ctx context.Context, o Options) error {
 	pctx, stopProjector := context.WithCancel(ctx)
 	done := make(chan error, 1)
 	go func() {
-		done <- projector.Run(pctx, projector.Config{DatabaseURL: dbURL, NATSURL: srv.ClientURL(), Logger: o.Log})
+		done <- projector.Run(pctx, projector.Config{DatabaseURL: dbURL, NATS: natsjs.Client{URL: srv.ClientURL()}, Logger: o.Log})
 	}()
 	if err := waitCaughtUp(ctx, js, done); err != nil {
 		stopProjector()

@@ -25,6 +25,12 @@ const natsReadyTimeout = 10 * time.Second
 // Starting again with the same storeDir recovers the streams and their
 // messages.
 func StartNATS(storeDir string, port int) (*server.Server, error) {
+	return StartNATSWith(storeDir, port, nil)
+}
+
+// StartNATSWith is StartNATS with configure, if not nil, applied to the
+// server's options first (authentication, TLS).
+func StartNATSWith(storeDir string, port int, configure func(*server.Options)) (*server.Server, error) {
 	if storeDir == "" {
 		// nats-server would silently fall back to a directory shared by every
 		// process on the machine (os.TempDir()/jetstream).
@@ -43,6 +49,9 @@ func StartNATS(storeDir string, port int) (*server.Server, error) {
 		SyncAlways: true,
 		NoLog:      true, // the server logs nothing, except the errors captured below
 		NoSigs:     true, // the embedding process owns the signals
+	}
+	if configure != nil {
+		configure(opts)
 	}
 	srv, err := server.NewServer(opts)
 	if err != nil {

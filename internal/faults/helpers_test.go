@@ -390,7 +390,7 @@ func startInProcess(t *testing.T, r *rig, batch int) *inProcess {
 	ctx, cancel := context.WithCancel(context.Background())
 	p.cancel = cancel
 	cfg := projector.Config{
-		DatabaseURL: r.dbURL, NATSURL: r.natsURL, Stream: stream, Prefix: prefix, Durable: durable,
+		DatabaseURL: r.dbURL, NATS: natsjs.Client{URL: r.natsURL}, Stream: stream, Prefix: prefix, Durable: durable,
 		HTTPAddr: "127.0.0.1:0", BatchSize: batch, Logger: log,
 		Ready: func(addr string) { ready <- addr },
 	}

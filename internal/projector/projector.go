@@ -19,15 +19,17 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/buildstate/buildstate/emitter"
+	"github.com/buildstate/buildstate/internal/httpserve"
 	"github.com/buildstate/buildstate/internal/natsjs"
 	"github.com/buildstate/buildstate/internal/projection"
+	"github.com/buildstate/buildstate/internal/redact"
 	"github.com/buildstate/buildstate/internal/web"
 )
 
 // Config is everything the projector is told.
 type Config struct {
 	DatabaseURL string
-	NATSURL     string
+	NATS        natsjs.Client
 	Stream      string
 	Prefix      string
 	Durable     string
@@ -76,18 +78,18 @@ func (c *Config) defaults() {
 func OpenPool(ctx context.Context, url string) (*pgxpool.Pool, error) {
 	cfg, err := pgxpool.ParseConfig(url)
 	if err != nil {
-		return nil, fmt.Errorf("postgres: %w", err)
+		return nil, fmt.Errorf("postgres: %w", redact.Error(err))
 	}
 	projection.ConfigurePool(cfg)
 	pool, err := pgxpool.NewWithConfig(ctx, cfg)
 	if err != nil {
-		return nil, fmt.Errorf("postgres: %w", err)
+		return nil, fmt.Errorf("postgres: %w", redact.Error(err))
 	}
 	pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	if err := pool.Ping(pctx); err != nil {
 		pool.Close()
-		return nil, fmt.Errorf("postgres: ping: %w", err)
+		return nil, fmt.Errorf("postgres: ping: %w", redact.Error(err))
 	}
 	return pool, nil
 }
@@ -114,33 +116,6 @@ func CheckPool(ctx context.Context, pool *pgxpool.Pool) error {
 	return projection.CheckSchema(ctx, pool, projection.LiveSchema)
 }
 
-// ConnectNATS connects with endless reconnects, so an outage is waited out.
-func ConnectNATS(url, name string, log *zap.Logger) (*nats.Conn, error) {
-	nc, err := nats.Connect(url,
-		nats.Name(name),
-		nats.MaxReconnects(-1),
-		nats.ReconnectWait(250*time.Millisecond),
-		nats.RetryOnFailedConnect(false),
-		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
-			if err != nil { // nil: our own Close
-				log.Warn("nats disconnected", zap.Error(err))
-			}
-		}),
-		nats.ReconnectHandler(func(c *nats.Conn) { log.Info("nats reconnected", zap.String("url", c.ConnectedUrl())) }),
-		nats.ErrorHandler(func(_ *nats.Conn, sub *nats.Subscription, err error) {
-			subject := ""
-			if sub != nil {
-				subject = sub.Subject
-			}
-			log.Warn("nats async error", zap.String("subscription", subject), zap.Error(err))
-		}),
-	)
-	if err != nil {
-		return nil, fmt.Errorf("nats: connect %s: %w", url, err)
-	}
-	return nc, nil
-}
-
 // Run is `projector run`: it fails fast on set-up, then consumes until ctx
 // is done, finishes and acks the batch in hand, and returns nil.
 func Run(ctx context.Context, cfg Config) error {
@@ -157,7 +132,7 @@ func Run(ctx context.Context, cfg Config) error {
 	if err := MigratePool(ctx, pool); err != nil {
 		return err
 	}
-	nc, err := ConnectNATS(cfg.NATSURL, "buildstate-projector", log)
+	nc, err := natsjs.Connect(cfg.NATS, "buildstate-projector", log)
 	if err != nil {
 		return err
 	}
@@ -190,7 +165,7 @@ func Run(ctx context.Context, cfg Config) error {
 		}
 		httpAddr = ln.Addr().String()
 		pages := web.New(web.Options{Store: store, Stats: tel.Stats, Logger: log})
-		srv := &http.Server{Handler: routes(tel, loop, pool, nc, pages), ReadHeaderTimeout: 5 * time.Second}
+		srv := httpserve.New(routes(tel, loop.Ready, pool, nc, log, pages), log)
 		wg.Add(2)
 		go func() {
 			defer wg.Done()
@@ -280,9 +255,14 @@ func watchLag(ctx context.Context, cons jetstream.Consumer, tel *Telemetry, log 
 	}
 }
 
-func routes(tel *Telemetry, loop *natsjs.Loop, pool *pgxpool.Pool, nc *nats.Conn, pages *web.Handler) http.Handler {
+// routes serves the probes and metrics. /readyz names what is not ready but
+// not why in detail: a Postgres error holds its user, host and port, so it
+// goes to the log only.
+func routes(tel *Telemetry, consuming func() bool, pool *pgxpool.Pool, nc *nats.Conn, log *zap.Logger, pages *web.Handler) http.Handler {
 	mux := http.NewServeMux()
-	pages.Register(mux)
+	if pages != nil {
+		pages.Register(mux)
+	}
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		fmt.Fprintln(w, "ok")
 	})
@@ -294,9 +274,10 @@ func routes(tel *Telemetry, loop *natsjs.Loop, pool *pgxpool.Pool, nc *nats.Conn
 			problems = append(problems, "nats: not connected")
 		}
 		if err := pool.Ping(ctx); err != nil {
-			problems = append(problems, "postgres: "+err.Error())
+			log.Warn("readyz: postgres ping", zap.Error(redact.Error(err)))
+			problems = append(problems, "postgres: unreachable")
 		}
-		if !loop.Ready() {
+		if !consuming() {
 			problems = append(problems, "consumer: retrying a batch")
 		}
 		if len(problems) > 0 {

@@ -116,6 +116,18 @@ func NATS(t testing.TB) (url string, srv *server.Server) {
 	return srv.ClientURL(), srv
 }
 
+// NATSWith is NATS with configure applied to the server's options first:
+// a server that requires authentication or TLS.
+func NATSWith(t testing.TB, configure func(*server.Options)) (url string, srv *server.Server) {
+	t.Helper()
+	srv, err := devenv.StartNATSWith(t.TempDir(), -1, configure)
+	if err != nil {
+		t.Fatalf("testenv: %v", err)
+	}
+	t.Cleanup(func() { shutdown(srv) })
+	return srv.ClientURL(), srv
+}
+
 // JetStream starts an embedded server as NATS does and returns its URL and
 // a JetStream client connected to it, closed when the test ends.
 func JetStream(t testing.TB) (url string, js jetstream.JetStream) {

@@ -15,6 +15,7 @@ import (
 
 	"github.com/buildstate/buildstate/emitter"
 	"github.com/buildstate/buildstate/internal/events"
+	"github.com/buildstate/buildstate/internal/natsjs"
 	"github.com/buildstate/buildstate/internal/projection"
 	"github.com/buildstate/buildstate/internal/projector"
 	"github.com/buildstate/buildstate/internal/testenv"
@@ -39,7 +40,7 @@ func startProjector(t *testing.T) live {
 	ready := make(chan string, 1)
 	done := make(chan error, 1)
 	go func() {
-		done <- projector.Run(ctx, projector.Config{DatabaseURL: dbURL, NATSURL: natsURL, HTTPAddr: "127.0.0.1:0",
+		done <- projector.Run(ctx, projector.Config{DatabaseURL: dbURL, NATS: natsjs.Client{URL: natsURL}, HTTPAddr: "127.0.0.1:0",
 			Ready: func(addr string) { ready <- addr }})
 	}()
 	t.Cleanup(func() {
