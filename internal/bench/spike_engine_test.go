@@ -484,3 +484,46 @@ func failover(t *testing.T, js jetstream.JetStream, url, name, how string) (time
 	}
 	return gap, stale
 }
+
+// (d) Membership in a KV bucket whose keys the server expires: how soon a
+// watcher hears that a member stopped refreshing its key.
+func TestSpikeMembershipExpiry(t *testing.T) {
+	_, js, _ := spikeServer(t)
+	ctx := context.Background()
+	kv, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{
+		Bucket: "projector_members", TTL: 3 * time.Second, LimitMarkerTTL: time.Second, Storage: jetstream.FileStorage,
+	})
+	if err != nil {
+		t.Fatalf("create bucket with TTL and limit markers: %v", err)
+	}
+	w, err := kv.WatchAll(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Stop()
+	for run := range 3 {
+		key := fmt.Sprintf("member-%d", run)
+		for range 3 { // a live member refreshes every second
+			if _, err := kv.Put(ctx, key, []byte("alive")); err != nil {
+				t.Fatal(err)
+			}
+			time.Sleep(time.Second)
+		}
+		last := time.Now() // the last refresh was a second ago; then the member dies
+		last = last.Add(-time.Second)
+		deadline := time.After(30 * time.Second)
+		for {
+			select {
+			case e := <-w.Updates():
+				if e == nil || e.Key() != key || e.Operation() == jetstream.KeyValuePut {
+					continue
+				}
+				t.Logf("run %d: watcher saw %s of %s %s after its last refresh (bucket TTL 3 s)",
+					run+1, e.Operation(), key, time.Since(last).Round(10*time.Millisecond))
+			case <-deadline:
+				t.Fatalf("run %d: no expiry of %s seen in 30 s", run+1, key)
+			}
+			break
+		}
+	}
+}
