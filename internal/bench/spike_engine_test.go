@@ -15,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -174,6 +175,18 @@ func spikeBacklog(t *testing.T, js jetstream.JetStream, transform bool) {
 	t.Logf("published %d messages in %s (%.0f/s)", len(msgs), took.Round(time.Millisecond), float64(len(msgs))/took.Seconds())
 }
 
+// cpuNow is the CPU time this process (the embedded server and the
+// client) has used so far: under a shared load it says more than a rate.
+func cpuNow() time.Duration {
+	var ru syscall.Rusage
+	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+func perMsg(cpu time.Duration, n uint64) string {
+	return fmt.Sprintf("%.1f µs CPU/msg", float64(cpu.Microseconds())/float64(n))
+}
+
 // drain reads every message of cons and acks each one (explicit) or the
 // last of every batch (all), and returns the rate.
 func drain(t *testing.T, cons jetstream.Consumer, total uint64, every int) float64 {
@@ -230,8 +243,9 @@ func TestSpikeRawAck(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
+			c0 := cpuNow()
 			rate := drain(t, cons, 205000, mode.every)
-			t.Logf("run %d %-22s %7.0f msgs/s", run+1, mode.name, rate)
+			t.Logf("run %d %-22s %7.0f msgs/s, %s", run+1, mode.name, rate, perMsg(cpuNow()-c0, 205000))
 			_ = js.DeleteConsumer(ctx, "BUILDS", name)
 		}
 	}
@@ -257,7 +271,9 @@ func TestSpikePartitionedAck(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			t.Logf("run %d: one durable, whole stream, %-22s %7.0f msgs/s", run+1, mode.name, drain(t, c, 205000, mode.every))
+			c0 := cpuNow()
+			rate := drain(t, c, 205000, mode.every)
+			t.Logf("run %d: one durable, whole stream, %-22s %7.0f msgs/s, %s", run+1, mode.name, rate, perMsg(cpuNow()-c0, 205000))
 			_ = s.DeleteConsumer(ctx, name)
 		}
 		cons := make([]jetstream.Consumer, 16)
@@ -274,7 +290,7 @@ func TestSpikePartitionedAck(t *testing.T) {
 			info, _ := c.Info(ctx)
 			cons[p], pending[p] = c, info.NumPending
 		}
-		start := time.Now()
+		start, c0 := time.Now(), cpuNow()
 		done := make(chan float64, 16)
 		for p := range 16 {
 			go func() { done <- drainPinned(t, cons[p], pending[p]) }()
@@ -284,9 +300,9 @@ func TestSpikePartitionedAck(t *testing.T) {
 			<-done
 			total += pending[p]
 		}
-		el := time.Since(start)
-		t.Logf("run %d: 16 pinned partition consumers at once, ack all: %d msgs in %s = %.0f msgs/s (partition sizes %v)",
-			run+1, total, el.Round(time.Millisecond), float64(total)/el.Seconds(), pending)
+		el, cpu := time.Since(start), cpuNow()-c0
+		t.Logf("run %d: 16 pinned partition consumers at once, ack all: %d msgs in %s = %.0f msgs/s, %s (partition sizes %v)",
+			run+1, total, el.Round(time.Millisecond), float64(total)/el.Seconds(), perMsg(cpu, total), pending)
 		for p := range 16 {
 			_ = s.DeleteConsumer(ctx, fmt.Sprintf("r%d-p%d", run, p))
 		}
