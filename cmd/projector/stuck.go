@@ -18,16 +18,16 @@ import (
 )
 
 // stuckFlags adds the stuck limits' flags to fs.
-func stuckFlags(fs *flag.FlagSet, l *projector.StuckLimits) {
-	fs.DurationVar(&l.QueuedFor, "queued-for", projector.DefaultStuckLimits.QueuedFor, "a build queued this long with no start is stuck")
-	fs.DurationVar(&l.BuildingFor, "building-for", projector.DefaultStuckLimits.BuildingFor, "a build started this long ago with no completion is stuck")
+func stuckFlags(fs *flag.FlagSet, l *projection.StuckLimits) {
+	fs.DurationVar(&l.QueuedFor, "queued-for", projection.DefaultStuckLimits.QueuedFor, "a build queued this long with no start is stuck")
+	fs.DurationVar(&l.BuildingFor, "building-for", projection.DefaultStuckLimits.BuildingFor, "a build started this long ago with no completion is stuck")
 }
 
 // runStuck is `projector stuck`: it lists the stuck builds at now() and,
 // with --time-out, ends each through the log with a time-out completion.
 func runStuck(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer, now func() time.Time) error {
 	fs, c := newFlags("stuck", getenv, stderr)
-	var l projector.StuckLimits
+	var l projection.StuckLimits
 	stuckFlags(fs, &l)
 	asJSON := fs.Bool("json", false, "print one JSON object per line")
 	timeOut := fs.Bool("time-out", false, "publish a build.completed time-out (data.timed_out) for each build listed")
@@ -46,7 +46,7 @@ func runStuck(ctx context.Context, args []string, getenv func(string) string, st
 	}
 	defer closeStore()
 	at := now()
-	stuck, err := projector.FindStuck(ctx, store, l, at)
+	stuck, err := store.Stuck(ctx, l, at)
 	if err != nil {
 		return err
 	}

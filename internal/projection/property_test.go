@@ -679,7 +679,7 @@ func checkAgainstModel(t *testing.T, s *projection.Store, evs []events.Event) {
 	// Every open build, whatever its age, is listed by Stuck (through the
 	// pending marks the store keeps).
 	far := time.Now().Add(24 * time.Hour)
-	stuck, err := s.Stuck(context.Background(), far, far)
+	stuck, err := s.Stuck(context.Background(), projection.StuckLimits{}, far)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -220,11 +220,30 @@ WHERE f.pending
         AND NOT EXISTS (SELECT 1 FROM projector_facts s WHERE s.build_id = f.build_id AND s.kind = 'started')))
 ORDER BY f.occurred_at, f.build_id`
 
-// Stuck lists the builds queued at or before queuedBefore that have no start,
-// and those started at or before startedBefore that have no completion,
-// oldest first.
-func (s *Store) Stuck(ctx context.Context, queuedBefore, startedBefore time.Time) ([]StuckBuild, error) {
-	rows, err := s.pool.Query(ctx, stuckSQL, queuedBefore, startedBefore)
+// StuckLimits say how long a build may wait on its worker before it is stuck.
+type StuckLimits struct {
+	QueuedFor   time.Duration // queued, with no start
+	BuildingFor time.Duration // started, with no completion
+}
+
+// DefaultStuckLimits are an hour queued and three hours building: the
+// defaults of `projector stuck`, of the buildstate_builds_stuck gauge and of
+// the status page.
+var DefaultStuckLimits = StuckLimits{QueuedFor: time.Hour, BuildingFor: 3 * time.Hour}
+
+// Check refuses limits that are not positive.
+func (l StuckLimits) Check() error {
+	if l.QueuedFor <= 0 || l.BuildingFor <= 0 {
+		return fmt.Errorf("stuck limits must be positive: queued-for %s, building-for %s", l.QueuedFor, l.BuildingFor)
+	}
+	return nil
+}
+
+// Stuck lists the builds stuck at now under l (queued at or before
+// now - l.QueuedFor with no start; started at or before now - l.BuildingFor
+// with no completion), oldest first.
+func (s *Store) Stuck(ctx context.Context, l StuckLimits, now time.Time) ([]StuckBuild, error) {
+	rows, err := s.pool.Query(ctx, stuckSQL, now.Add(-l.QueuedFor), now.Add(-l.BuildingFor))
 	if err != nil {
 		return nil, fmt.Errorf("read stuck builds: %w", err)
 	}
@@ -236,4 +255,25 @@ func (s *Store) Stuck(ctx context.Context, queuedBefore, startedBefore time.Time
 		out[i].Since = out[i].Since.UTC()
 	}
 	return out, nil
+}
+
+// StuckCounts is how many builds are stuck, by the step they are stuck at.
+type StuckCounts struct {
+	Queued  int // queued, no start, no completion
+	Started int // started, no completion
+}
+
+// Total is the number of stuck builds.
+func (c StuckCounts) Total() int { return c.Queued + c.Started }
+
+// StuckCounts counts what Stuck lists.
+func (s *Store) StuckCounts(ctx context.Context, l StuckLimits, now time.Time) (StuckCounts, error) {
+	var c StuckCounts
+	err := s.pool.QueryRow(ctx, `SELECT count(*) FILTER (WHERE s.state = 'queued'), count(*) FILTER (WHERE s.state = 'building')
+		FROM (`+stuckSQL+`) AS s (build_id, project_id, state, since)`,
+		now.Add(-l.QueuedFor), now.Add(-l.BuildingFor)).Scan(&c.Queued, &c.Started)
+	if err != nil {
+		return StuckCounts{}, fmt.Errorf("count stuck builds: %w", err)
+	}
+	return c, nil
 }

@@ -97,41 +97,6 @@ func (s *Store) NewestBuild(ctx context.Context, projectID string) (string, erro
 	return *id, nil
 }
 
-// A build is stuck when it was queued more than StuckQueuedAfter ago and has
-// neither started nor completed, or started more than StuckStartedAfter ago
-// and has not completed.
-const (
-	StuckQueuedAfter  = time.Hour
-	StuckStartedAfter = 3 * time.Hour
-)
-
-// StuckCounts is how many builds are stuck, by the step they are stuck at.
-type StuckCounts struct {
-	Queued  int // queued, no start, no completion, for over StuckQueuedAfter
-	Started int // started, no completion, for over StuckStartedAfter
-}
-
-// Total is the number of stuck builds.
-func (c StuckCounts) Total() int { return c.Queued + c.Started }
-
-// StuckCounts counts the builds stuck at now, from the lifecycle facts.
-func (s *Store) StuckCounts(ctx context.Context, now time.Time) (StuckCounts, error) {
-	var c StuckCounts
-	err := s.pool.QueryRow(ctx, `
-		SELECT
-			count(*) FILTER (WHERE q.occurred_at < $1 AND st.build_id IS NULL AND c.build_id IS NULL),
-			count(*) FILTER (WHERE st.occurred_at < $2 AND c.build_id IS NULL)
-		FROM projector_builds b
-		LEFT JOIN projector_facts q  ON q.build_id = b.build_id  AND q.kind = 'queued'
-		LEFT JOIN projector_facts st ON st.build_id = b.build_id AND st.kind = 'started'
-		LEFT JOIN projector_facts c  ON c.build_id = b.build_id  AND c.kind = 'completed'`,
-		now.Add(-StuckQueuedAfter), now.Add(-StuckStartedAfter)).Scan(&c.Queued, &c.Started)
-	if err != nil {
-		return StuckCounts{}, fmt.Errorf("count stuck builds: %w", err)
-	}
-	return c, nil
-}
-
 // DeadLetterCount returns how many messages are kept as dead letters.
 func (s *Store) DeadLetterCount(ctx context.Context) (int, error) {
 	var n int

@@ -31,7 +31,7 @@ func TestStuckCounts(t *testing.T) {
 	if _, err := s.Apply(ctx, msgs(t, 1, evs...)); err != nil {
 		t.Fatal(err)
 	}
-	got, err := s.StuckCounts(ctx, now)
+	got, err := s.StuckCounts(ctx, projection.DefaultStuckLimits, now)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -42,7 +42,7 @@ func TestStuckCounts(t *testing.T) {
 		t.Errorf("Total = %d; want 2", got.Total())
 	}
 	// Three hours on, the build queued 30 min ago and the one started 2 h ago are stuck too.
-	later, err := s.StuckCounts(ctx, now.Add(3*time.Hour))
+	later, err := s.StuckCounts(ctx, projection.DefaultStuckLimits, now.Add(3*time.Hour))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -39,7 +39,7 @@ type Config struct {
 	Linger      time.Duration
 	// Stuck are the limits of the buildstate_builds_stuck gauge and of the
 	// time-outs; StuckEvery is how often they are checked (default a minute).
-	Stuck      StuckLimits
+	Stuck      projection.StuckLimits
 	StuckEvery time.Duration
 	// TimeOutStuck publishes a time-out completion for each stuck build
 	// (PublishTimeOuts) at every check.
@@ -63,8 +63,8 @@ func (c *Config) defaults() {
 	if c.BatchSize <= 0 {
 		c.BatchSize = 1000
 	}
-	if c.Stuck == (StuckLimits{}) {
-		c.Stuck = DefaultStuckLimits
+	if c.Stuck == (projection.StuckLimits{}) {
+		c.Stuck = projection.DefaultStuckLimits
 	}
 	if c.StuckEvery <= 0 {
 		c.StuckEvery = DefaultStuckEvery
@@ -164,7 +164,7 @@ func Run(ctx context.Context, cfg Config) error {
 			return fmt.Errorf("http: listen %s: %w", cfg.HTTPAddr, err)
 		}
 		httpAddr = ln.Addr().String()
-		pages := web.New(web.Options{Store: store, Stats: tel.Stats, Logger: log})
+		pages := web.New(web.Options{Store: store, Stats: tel.Stats, Stuck: cfg.Stuck, Logger: log})
 		srv := httpserve.New(routes(tel, loop.Ready, pool, nc, log, pages), log)
 		wg.Add(2)
 		go func() {

@@ -13,35 +13,12 @@ import (
 	"github.com/buildstate/buildstate/internal/projection"
 )
 
-// StuckLimits say how long a build may wait on its worker.
-type StuckLimits struct {
-	QueuedFor   time.Duration // queued, with no start
-	BuildingFor time.Duration // started, with no completion
-}
-
-// DefaultStuckLimits are the flags' defaults (and so the gauge's): an hour
-// queued, three hours building.
-var DefaultStuckLimits = StuckLimits{QueuedFor: time.Hour, BuildingFor: 3 * time.Hour}
-
 // DefaultStuckEvery is how often `projector run` counts the stuck builds
 // (and, with TimeOutStuck, times them out).
 const DefaultStuckEvery = time.Minute
 
-// Check refuses limits that are not positive.
-func (l StuckLimits) Check() error {
-	if l.QueuedFor <= 0 || l.BuildingFor <= 0 {
-		return fmt.Errorf("stuck limits must be positive: queued-for %s, building-for %s", l.QueuedFor, l.BuildingFor)
-	}
-	return nil
-}
-
-// FindStuck lists the builds stuck at now under l, oldest first.
-func FindStuck(ctx context.Context, store *projection.Store, l StuckLimits, now time.Time) ([]projection.StuckBuild, error) {
-	return store.Stuck(ctx, now.Add(-l.QueuedFor), now.Add(-l.BuildingFor))
-}
-
-// TimeOut is the time-out of stuck build b under l.
-func (l StuckLimits) TimeOut(b projection.StuckBuild) events.TimeOut {
+// timeOut is the time-out of stuck build b under l.
+func timeOut(l projection.StuckLimits, b projection.StuckBuild) events.TimeOut {
 	t := events.TimeOut{ProjectID: b.ProjectID, BuildID: b.BuildID, Since: b.Since, After: l.QueuedFor}
 	if b.State == projection.StuckBuilding {
 		t.Started, t.After = true, l.BuildingFor
@@ -60,10 +37,10 @@ type TimedOut struct {
 // build (events.TimeOut.Event): the same build and limits give the same
 // event, so publishing again, or from another process, stores nothing new.
 // It stops at the first error and returns what it published before it.
-func PublishTimeOuts(ctx context.Context, pub *emitter.Publisher, l StuckLimits, builds []projection.StuckBuild) ([]TimedOut, error) {
+func PublishTimeOuts(ctx context.Context, pub *emitter.Publisher, l projection.StuckLimits, builds []projection.StuckBuild) ([]TimedOut, error) {
 	var out []TimedOut
 	for _, b := range builds {
-		ev := l.TimeOut(b).Event()
+		ev := timeOut(l, b).Event()
 		seq, err := pub.Publish(ctx, ev)
 		if err != nil {
 			return out, fmt.Errorf("time out build %s of %s: %w", b.BuildID, b.ProjectID, err)
@@ -76,7 +53,7 @@ func PublishTimeOuts(ctx context.Context, pub *emitter.Publisher, l StuckLimits,
 // watchStuck counts the stuck builds into the gauge every interval (the
 // first time at once) and, if pub is not nil, times them out. It returns
 // when ctx is done.
-func watchStuck(ctx context.Context, store *projection.Store, pub *emitter.Publisher, l StuckLimits, every time.Duration, tel *Telemetry, log *zap.Logger) {
+func watchStuck(ctx context.Context, store *projection.Store, pub *emitter.Publisher, l projection.StuckLimits, every time.Duration, tel *Telemetry, log *zap.Logger) {
 	t := time.NewTicker(every)
 	defer t.Stop()
 	for {
@@ -91,8 +68,8 @@ func watchStuck(ctx context.Context, store *projection.Store, pub *emitter.Publi
 	}
 }
 
-func checkStuck(ctx context.Context, store *projection.Store, pub *emitter.Publisher, l StuckLimits, tel *Telemetry, log *zap.Logger) error {
-	stuck, err := FindStuck(ctx, store, l, time.Now())
+func checkStuck(ctx context.Context, store *projection.Store, pub *emitter.Publisher, l projection.StuckLimits, tel *Telemetry, log *zap.Logger) error {
+	stuck, err := store.Stuck(ctx, l, time.Now())
 	if err != nil {
 		return err
 	}

@@ -52,10 +52,11 @@ type Stats struct {
 // Options configure the pages.
 type Options struct {
 	Store    *projection.Store
-	Stats    func() Stats     // nil: shown as unknown
-	Location *time.Location   // times are shown in it; nil: time.Local
-	Now      func() time.Time // nil: time.Now
-	PageSize int              // 0: DefaultPageSize
+	Stats    func() Stats           // nil: shown as unknown
+	Location *time.Location         // times are shown in it; nil: time.Local
+	Now      func() time.Time       // nil: time.Now
+	PageSize int                    // 0: DefaultPageSize
+	Stuck    projection.StuckLimits // what counts as stuck; zero: projection.DefaultStuckLimits
 	Logger   *zap.Logger
 }
 
@@ -75,6 +76,9 @@ type Handler struct {
 func New(opts Options) *Handler {
 	if opts.Location == nil {
 		opts.Location = time.Local
+	}
+	if opts.Stuck == (projection.StuckLimits{}) {
+		opts.Stuck = projection.DefaultStuckLimits
 	}
 	if opts.Now == nil {
 		opts.Now = time.Now
@@ -151,12 +155,12 @@ func (h *Handler) readOverview(ctx context.Context) (overview, error) {
 		if err != nil {
 			return overview{}, err
 		}
-		stuck, err := h.opts.Store.StuckCounts(ctx, now)
+		stuck, err := h.opts.Store.StuckCounts(ctx, h.opts.Stuck, now)
 		if err != nil {
 			return overview{}, err
 		}
 		h.overview = overview{DeadLetters: dead, Stuck: stuck,
-			StuckQueued: projection.StuckQueuedAfter, StuckRun: projection.StuckStartedAfter}
+			StuckQueued: h.opts.Stuck.QueuedFor, StuckRun: h.opts.Stuck.BuildingFor}
 		h.readAt = now
 	}
 	ov := h.overview
