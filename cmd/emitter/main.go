@@ -36,7 +36,7 @@ const usage = `usage: emitter <command> [flags]
 
 commands:
   publish   publish one event and print its stream sequence
-  serve     HTTP ingest: POST /v1/events, GET /healthz, GET /readyz
+  serve     HTTP ingest: POST /v1/events, POST /v1/events/batch (signed), GET /healthz, GET /readyz
   load      publish a reproducible, seeded workload and print the rate
   help      list the commands, or show a command's flags (help COMMAND)
 

@@ -176,7 +176,7 @@ func wantsHelp(args []string) bool {
 
 func runProjector(ctx context.Context, args []string, getenv func(string) string, stderr io.Writer) error {
 	fs, c := newFlags("run", getenv, stderr)
-	fs.StringVar(&c.cfg.HTTPAddr, "http-addr", envOr(getenv, "PROJECTOR_HTTP_ADDR", ":9090"), "serve /healthz, /readyz, /metrics here (env PROJECTOR_HTTP_ADDR; empty: none)")
+	fs.StringVar(&c.cfg.HTTPAddr, "http-addr", envOr(getenv, "PROJECTOR_HTTP_ADDR", ":9090"), "serve the status page (/, /projects/ID, /badge/ID.svg), /healthz, /readyz and /metrics here (env PROJECTOR_HTTP_ADDR; empty: none)")
 	fs.IntVar(&c.cfg.BatchSize, "batch", 1000, "most events per transaction")
 	replicas, err := strconv.Atoi(envOr(getenv, "BUILDS_STREAM_REPLICAS", "1"))
 	if err != nil {

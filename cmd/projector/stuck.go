@@ -15,6 +15,7 @@ import (
 	"github.com/buildstate/buildstate/internal/natsjs"
 	"github.com/buildstate/buildstate/internal/projection"
 	"github.com/buildstate/buildstate/internal/projector"
+	"github.com/buildstate/buildstate/internal/when"
 )
 
 // stuckFlags adds the stuck limits' flags to fs.
@@ -109,7 +110,7 @@ func printStuck(w io.Writer, stuck []projection.StuckBuild, published map[string
 	}
 	fmt.Fprintln(tw, head)
 	for _, b := range stuck {
-		line := fmt.Sprintf("%s\t%s\t%s\t%s\t%s", b.BuildID, b.ProjectID, b.State, b.Since.Format(time.RFC3339),
+		line := fmt.Sprintf("%s\t%s\t%s\t%s\t%s", b.BuildID, b.ProjectID, b.State, when.Format(b.Since, time.Local),
 			now.Sub(b.Since).Truncate(time.Second))
 		if timeOut {
 			if p, ok := published[b.BuildID]; ok {

@@ -46,7 +46,7 @@ const (
 var Reasons = []Reason{ReasonBodyTooLarge, ReasonNotUTF8, ReasonMalformedJSON, ReasonSpecVersion,
 	ReasonUnknownType, ReasonBadSubject, ReasonSubjectMismatch, ReasonInvalidProjectID, ReasonInvalidID,
 	ReasonInvalidBuildID, ReasonInvalidOccurredAt, ReasonOccurredInFuture, ReasonInvalidData,
-	ReasonIDConflict, ReasonBuildProjectClash}
+	ReasonIDConflict, ReasonBuildProjectClash, ReasonRejectedByDatabase}
 
 // InvalidError says why an event was refused.
 type InvalidError struct {
@@ -662,13 +662,17 @@ func kindName(k jsontext.Kind) string {
 	return ""
 }
 
-// Plain returns err's message for people. The contract's details keep
-// encoding/json's wording (dead letters store it, and a replay must store
-// the same), which names Go types ("json: cannot unmarshal array into Go
-// value of type map[string]json.RawMessage"); Plain names JSON types instead
-// ("got a JSON array; want an object").
-func Plain(err error) string {
-	msg := strings.Replace(err.Error(), "jsontext: ", "invalid JSON: ", 1)
+// Plain returns err's message for people. The decoder's details keep the
+// JSON packages' wording (the reference test compares it), which names Go
+// types and packages ("json: cannot unmarshal array into Go value of type
+// map[string]json.RawMessage", "jsontext: unexpected EOF"); Plain names JSON
+// types instead ("got a JSON array; want an object", "invalid JSON: …").
+// The HTTP ingest answers with it and dead letters keep it as their detail.
+func Plain(err error) string { return PlainText(err.Error()) }
+
+// PlainText is Plain of a message.
+func PlainText(msg string) string {
+	msg = strings.Replace(msg, "jsontext: ", "invalid JSON: ", 1)
 	for {
 		i := strings.Index(msg, typeErrorPrefix)
 		if i < 0 {

@@ -607,13 +607,14 @@ UNION ALL
 SELECT a.event_id, a.digest, false FROM projector_applied a
 WHERE a.event_id = ANY($1::text[]) AND NOT EXISTS (SELECT 1 FROM ins WHERE ins.event_id = a.event_id)`
 
-// detailOf is the human part of a rejection (the reason has its own column).
+// detailOf is the human part of a rejection (the reason has its own
+// column), in the words of events.Plain.
 func detailOf(err error) string {
 	var ie *events.InvalidError
 	if errors.As(err, &ie) {
-		return ie.Detail
+		return events.PlainText(ie.Detail)
 	}
-	return err.Error()
+	return events.Plain(err)
 }
 
 // factRow is one projector_facts row to write.
