@@ -106,10 +106,16 @@ type Project struct {
 	Builds []*Build
 	Last   Position // the last message that counted for it
 
-	stored  []fsm.Build // its builds as loaded, Builds[i] started as stored[i]
-	roles   fsm.Roles   // fsm.RolesOf(stored)
-	whole   bool        // stored is its whole history
-	touched bool        // a message counted for it
+	loaded  *loaded // what Load gave, nil for a project the messages started
+	touched bool    // a message counted for it
+}
+
+// loaded is what Partition.Load knew of a project (apart from Project, so
+// that a replay's projects do not carry it).
+type loaded struct {
+	stored []fsm.Build // its builds as loaded, Project.Builds[i] started as stored[i]
+	roles  fsm.Roles   // fsm.RolesOf(stored)
+	whole  bool        // stored is its whole history
 }
 
 // builds lists the project's builds for fsm.
@@ -123,11 +129,22 @@ func (pr *Project) builds() []*fsm.Build {
 
 // storedBuilds lists the project's builds as loaded.
 func (pr *Project) storedBuilds() []*fsm.Build {
-	out := make([]*fsm.Build, len(pr.stored))
-	for i := range pr.stored {
-		out[i] = &pr.stored[i]
+	if pr.loaded == nil {
+		return nil
+	}
+	out := make([]*fsm.Build, len(pr.loaded.stored))
+	for i := range pr.loaded.stored {
+		out[i] = &pr.loaded.stored[i]
 	}
 	return out
+}
+
+// load is what Load knows of the project.
+func (pr *Project) load() *loaded {
+	if pr.loaded == nil {
+		pr.loaded = &loaded{}
+	}
+	return pr.loaded
 }
 
 // idKey and idDigest are what a partition keeps of each event id: a
@@ -240,7 +257,8 @@ type Stored struct {
 func (p *Partition) Load(s Stored) {
 	for id, builds := range s.Projects {
 		pr := p.project(id)
-		pr.whole = s.Whole[id]
+		l := pr.load()
+		l.whole = s.Whole[id]
 		for _, b := range builds {
 			if _, ok := p.builds[b.ID]; ok {
 				continue
@@ -248,9 +266,9 @@ func (p *Partition) Load(s Stored) {
 			nb := &Build{Build: *b}
 			p.builds[b.ID] = nb
 			pr.Builds = append(pr.Builds, nb)
-			pr.stored = append(pr.stored, *b)
+			l.stored = append(l.stored, *b)
 		}
-		pr.roles = fsm.RolesOf(pr.storedBuilds())
+		l.roles = fsm.RolesOf(pr.storedBuilds())
 	}
 	for build, project := range s.Claims {
 		if _, ok := p.builds[build]; ok {
@@ -261,7 +279,8 @@ func (p *Partition) Load(s Stored) {
 		nb := &Build{Build: fsm.Build{ID: build, ProjectID: project}}
 		p.builds[build] = nb
 		pr.Builds = append(pr.Builds, nb)
-		pr.stored = append(pr.stored, nb.Build)
+		l := pr.load()
+		l.stored = append(l.stored, nb.Build)
 	}
 	for id, digest := range s.IDs {
 		var d idDigest
@@ -363,12 +382,13 @@ func (p *Partition) refuse(m Message, err error) error {
 func (p *Partition) Incomplete() []string {
 	var out []string
 	for id, pr := range p.projects {
-		if !pr.touched || pr.whole {
+		l := pr.loaded
+		if !pr.touched || l == nil || l.whole {
 			continue
 		}
-		for i := range pr.stored {
-			s := &pr.stored[i]
-			if pr.roles.Holds(s.ID) && fsm.Demoted(s, &pr.Builds[i].Build) {
+		for i := range l.stored {
+			s := &l.stored[i]
+			if l.roles.Holds(s.ID) && fsm.Demoted(s, &pr.Builds[i].Build) {
 				out = append(out, id)
 				break
 			}
@@ -429,7 +449,11 @@ func (p *Partition) Changes(ctx context.Context) (Changes, error) {
 			}
 		}
 		after := pr.builds()
-		if roles := fsm.RolesOf(after); roles != pr.roles {
+		var before fsm.Roles
+		if pr.loaded != nil {
+			before = pr.loaded.roles
+		}
+		if roles := fsm.RolesOf(after); roles != before {
 			c.Roles[pr.ID] = roles
 		}
 		plan, err := fsm.Decide(ctx, pr.ID, fsm.Derive(pr.ID, pr.storedBuilds()), fsm.Derive(pr.ID, after))
