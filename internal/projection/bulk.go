@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"iter"
 	"maps"
-	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -14,6 +13,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/buildstate/buildstate/internal/events"
+	"github.com/buildstate/buildstate/internal/fold"
 	"github.com/buildstate/buildstate/internal/fsm"
 )
 
@@ -30,45 +30,21 @@ type Bulk struct {
 	Prefix string
 }
 
-// BulkProject is a project and its builds.
-type BulkProject struct {
-	ID     string
-	Builds []*BulkBuild
-}
-
-// BulkBuild is a build with, for each winning step, the stream sequence of
-// the message that carried it (projector_facts.stream_seq).
-type BulkBuild struct {
-	fsm.Build
-	Seqs [4]uint64 // by KindSlot
-}
-
-// slotKinds are the kinds by their index in BulkBuild.Seqs.
-var slotKinds = [4]events.Kind{events.KindQueued, events.KindStarted, events.KindMetricsRecorded, events.KindCompleted}
-
-// KindSlot is the index of kind k in BulkBuild.Seqs.
-func KindSlot(k events.Kind) int { return slices.Index(slotKinds[:], k) }
-
-// Applied is a projector_applied row: an event id that counted, the digest
-// of its content and the sequence of its first copy.
-type Applied struct {
-	EventID string
-	Digest  [32]byte
-	Seq     uint64
-}
-
-// Refusal is a message the projector cannot apply, with its reason: a
-// projector_dead_letters row.
-type Refusal struct {
-	Msg    Message
-	Reason events.Reason
-	Detail string
-}
-
-// RefusalOf is msg refused with err (an error matching events.ErrInvalid).
-func RefusalOf(msg Message, err error) Refusal {
-	return Refusal{Msg: msg, Reason: events.ReasonOf(err), Detail: detailOf(err)}
-}
+// The rows a fold computes are internal/fold's types, under the names the
+// store's callers know.
+type (
+	// BulkProject is a project and its builds.
+	BulkProject = fold.Project
+	// BulkBuild is a build with, for each winning step, the stream
+	// sequence of the message that carried it (projector_facts.stream_seq).
+	BulkBuild = fold.Build
+	// Applied is a projector_applied row: an event id that counted, the
+	// digest of its content and the sequence of its first copy.
+	Applied = fold.Applied
+	// Refusal is a message the projector cannot apply, with its reason: a
+	// projector_dead_letters row.
+	Refusal = fold.Refusal
+)
 
 // LoadStats counts the rows a Loader wrote, by table.
 type LoadStats map[string]int
@@ -298,7 +274,7 @@ func roleRows(projects iter.Seq[*BulkProject]) iter.Seq[[]any] {
 	return func(yield func([]any) bool) {
 		row := make([]any, 5)
 		for p := range projects {
-			r := fsm.RolesOf(p.builds())
+			r := fsm.RolesOf(fsmBuilds(p))
 			// The store writes a project's roles when they change from none;
 			// the newest build is the first role any build takes.
 			if r.Newest == "" {
@@ -318,7 +294,7 @@ func metricsRows(projects iter.Seq[*BulkProject], rows *[]*fsm.Row) iter.Seq[[]a
 	return func(yield func([]any) bool) {
 		row := make([]any, 12)
 		for p := range projects {
-			v := fsm.Derive(p.ID, p.builds())
+			v := fsm.Derive(p.ID, fsmBuilds(p))
 			if v.Row != nil {
 				*rows = append(*rows, v.Row)
 			}
@@ -358,7 +334,7 @@ func factRows(builds iter.Seq[*BulkBuild]) iter.Seq[[]any] {
 	return func(yield func([]any) bool) {
 		row := make([]any, len(factsColumns))
 		for b := range builds {
-			for slot, k := range slotKinds {
+			for slot, k := range fold.SlotKinds {
 				st := *b.Step(k)
 				if st == nil {
 					continue
@@ -378,7 +354,7 @@ func factRows(builds iter.Seq[*BulkBuild]) iter.Seq[[]any] {
 
 // kindValues are the kinds' names by slot, boxed once.
 var kindValues = func() (v [4]any) {
-	for i, k := range slotKinds {
+	for i, k := range fold.SlotKinds {
 		v[i] = string(k)
 	}
 	return v
@@ -402,7 +378,7 @@ func outcomeValue(o events.Outcome) any {
 	return string(o)
 }
 
-func (p *BulkProject) builds() []*fsm.Build {
+func fsmBuilds(p *BulkProject) []*fsm.Build {
 	out := make([]*fsm.Build, len(p.Builds))
 	for i, b := range p.Builds {
 		out[i] = &b.Build

@@ -12,8 +12,6 @@ import (
 	"hash/fnv"
 	"math/rand/v2"
 	"slices"
-	"sort"
-	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -22,6 +20,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/buildstate/buildstate/internal/events"
+	"github.com/buildstate/buildstate/internal/fold"
 	"github.com/buildstate/buildstate/internal/fsm"
 )
 
@@ -45,12 +44,7 @@ var ExpectedRetries = [][2]string{
 }
 
 // Message is one log message as the store sees it.
-type Message struct {
-	Seq      uint64
-	Subject  string
-	Data     []byte
-	StoredAt time.Time
-}
+type Message = fold.Message
 
 // Result counts what one Apply did.
 type Result struct {
@@ -194,16 +188,22 @@ func (s *Store) reject(ctx context.Context, msg Message, cause error, retries ma
 }
 
 func (s *Store) apply(ctx context.Context, msgs []Message, retries map[uint64]int) (Result, error) {
-	b := batch{retries: retries}
-	s.prepare(&b, msgs)
-	var res Result
-	var err error
-	for attempt := 1; ; attempt++ {
-		var drops []droppedField
-		res, drops, err = s.applyOnce(ctx, b)
+	b := s.prepare(msgs, retries)
+	raced := 0
+	for attempt := 1; ; {
+		res, drops, err := s.applyOnce(ctx, b)
 		if err == nil {
 			s.reportDropped(drops)
 			return res, nil
+		}
+		if errors.Is(err, errRaced) {
+			// Not a failure: the batch is folded again on what the other
+			// projector committed.
+			if raced++; raced >= maxRaced {
+				return Result{}, fmt.Errorf("%w after %d attempts: %w", ErrRetriesExhausted, raced, err)
+			}
+			s.opts.Logger.Debug("batch folded again after a concurrent claim", zap.Int("attempt", raced))
+			continue
 		}
 		var pgErr *pgconn.PgError
 		if !errors.As(err, &pgErr) || !retryable[pgErr.Code] {
@@ -219,6 +219,7 @@ func (s *Store) apply(ctx context.Context, msgs []Message, retries map[uint64]in
 			return Result{}, fmt.Errorf("%w after %d attempts: %w", ErrRetriesExhausted, attempt, err)
 		}
 		wait := time.Duration(10<<attempt)*time.Millisecond + rand.N(10*time.Millisecond)
+		attempt++
 		select {
 		case <-ctx.Done():
 			return Result{}, ctx.Err()
@@ -226,6 +227,16 @@ func (s *Store) apply(ctx context.Context, msgs []Message, retries map[uint64]in
 		}
 	}
 }
+
+// errRaced is a batch's write finding a claim or an applied id that a
+// concurrent transaction committed after the batch read them: the fold
+// decided without it, so the transaction rolls back and the batch is read
+// and folded again.
+var errRaced = errors.New("a concurrent projector claimed a build or applied an id of the batch first")
+
+// maxRaced bounds how often one batch is folded again after races (each
+// means another projector committed, so the log moves on meanwhile).
+const maxRaced = 20
 
 // reportDropped counts and logs the measurements left out of the events a
 // committed batch applied: once per applied event (a duplicate, or a batch
@@ -241,68 +252,34 @@ func (s *Store) reportDropped(drops []droppedField) {
 	}
 }
 
-// candidate is a decoded message that passed the contract's stateless rules.
-type candidate struct {
-	msg    Message
-	ev     events.Event
-	digest []byte
-}
-
+// batch is a batch of messages decoded, in sequence order.
 type batch struct {
-	rounds [][]candidate // candidates, each id at most once a round
-	dead   []Refusal     // refused by Decode
+	dec []fold.Decoded
 
 	redrive []int64        // the batch's re-driven dead letters, taken out first (a retry)
 	retries map[uint64]int // re-driven dead letters and their new retry counts
 }
 
-// prepare decodes the batch and settles what needs no database: invalid
-// bodies, and repeats or id conflicts inside the batch (the lower sequence wins).
-func (s *Store) prepare(b *batch, msgs []Message) {
-	sorted := append([]Message(nil), msgs...)
-	sort.Slice(sorted, func(i, j int) bool { return sorted[i].Seq < sorted[j].Seq })
-	type last struct {
-		round   int
-		project string
-	}
-	byID := map[string]int{}     // round+1 of the last event with that id
-	byBuild := map[string]last{} // round and project of the last event naming that build
-	for _, m := range sorted {
-		if _, ok := b.retries[m.Seq]; ok {
+// prepare sorts the batch into sequence order (a batch acts as if its
+// messages were applied one by one in that order) and decodes it, once for
+// every attempt.
+func (s *Store) prepare(msgs []Message, retries map[uint64]int) batch {
+	sorted := slices.Clone(msgs)
+	slices.SortStableFunc(sorted, func(a, b Message) int { return cmp.Compare(a.Seq, b.Seq) })
+	b := batch{dec: make([]fold.Decoded, len(sorted)), retries: retries}
+	for i, m := range sorted {
+		if _, ok := retries[m.Seq]; ok {
 			b.redrive = append(b.redrive, int64(m.Seq))
 		}
-		ev, err := events.Decode(s.opts.Prefix, m.Subject, m.Data, m.StoredAt)
-		if err != nil {
-			b.dead = append(b.dead, RefusalOf(m, err))
-			continue
-		}
-		d := ev.Digest()
-		// Rounds make a batch act as if its messages were applied one by one,
-		// in sequence order. A repeat of an id goes to a later round than the
-		// id's last copy, so it sees whether that one was applied. An event
-		// naming a build goes to no earlier round than the last event before
-		// it naming that build, and to a later one if that event named another
-		// project, so each round claims a build for one project, in sequence
-		// order, and a refused claim is undone before the next claim is tried.
-		n := byID[ev.ID]
-		if l, ok := byBuild[ev.BuildID]; ok {
-			if l.project == ev.ProjectID {
-				n = max(n, l.round)
-			} else {
-				n = max(n, l.round+1)
-			}
-		}
-		byID[ev.ID] = n + 1
-		byBuild[ev.BuildID] = last{round: n, project: ev.ProjectID}
-		if n == len(b.rounds) {
-			b.rounds = append(b.rounds, nil)
-		}
-		b.rounds[n] = append(b.rounds[n], candidate{msg: m, ev: ev, digest: d[:]})
+		b.dec[i] = fold.Decode(s.opts.Prefix, m)
 	}
+	return b
 }
 
-// applyOnce applies the batch in one transaction; drops are the
-// measurements left out of the events it applied, to report once committed.
+// applyOnce applies the batch in one transaction: it reads what the batch's
+// messages need (read), folds them with the rules (internal/fold) on it, and
+// writes what changed. drops are the measurements left out of the events it
+// applied, to report once committed.
 func (s *Store) applyOnce(ctx context.Context, b batch) (res Result, drops []droppedField, err error) {
 	tx, err := s.pool.Begin(ctx)
 	if err != nil {
@@ -315,27 +292,32 @@ func (s *Store) applyOnce(ctx context.Context, b batch) (res Result, drops []dro
 			return Result{}, nil, fmt.Errorf("take out dead letters: %w", err)
 		}
 	}
-	res = Result{DeadLettered: len(b.dead)}
-	wb := &pgx.Batch{}
-	queueDeadLetters(wb, b.dead, s.opts.Prefix, b.retries)
-	for i, round := range b.rounds {
-		if i == 0 {
-			err = s.applyRound(ctx, tx, round, b, wb, &res, &drops)
-		} else {
-			err = s.applyRound(ctx, tx, round, batch{retries: b.retries}, wb, &res, &drops)
-		}
+	st, err := s.read(ctx, tx, b)
+	if err != nil {
+		return Result{}, nil, err
+	}
+	p, res, drops := foldBatch(b, st)
+	if whole := p.Incomplete(); len(whole) > 0 {
+		// A role holder was demoted: those projects are folded again on
+		// their whole history.
+		rows, _ := tx.Query(ctx, loadProjectsSQL, whole)
+		full, err := scanFacts(rows)
 		if err != nil {
 			return Result{}, nil, err
 		}
-		if err := tx.SendBatch(ctx, wb).Close(); err != nil {
-			return Result{}, nil, fmt.Errorf("write: %w", err)
+		for _, id := range whole {
+			st.Projects[id] = full[id]
+			st.Whole[id] = true
 		}
-		wb = &pgx.Batch{}
+		p, res, drops = foldBatch(b, st)
 	}
-	if wb.Len() > 0 {
-		if err := tx.SendBatch(ctx, wb).Close(); err != nil {
-			return Result{}, nil, fmt.Errorf("write: %w", err)
-		}
+	ch, err := p.Changes(ctx)
+	if err != nil {
+		return Result{}, nil, err
+	}
+	res.DeadLettered = len(ch.Refused)
+	if err := s.write(ctx, tx, ch, b.retries); err != nil {
+		return Result{}, nil, err
 	}
 	if err := tx.Commit(ctx); err != nil {
 		return Result{}, nil, fmt.Errorf("commit: %w", err)
@@ -343,100 +325,89 @@ func (s *Store) applyOnce(ctx context.Context, b batch) (res Result, drops []dro
 	return res, drops, nil
 }
 
-// applyRound reads what the round needs, classifies its events, decides the
-// plans and queues the writes on wb (sent by the caller before the next round).
-func (s *Store) applyRound(ctx context.Context, tx pgx.Tx, cands []candidate, b batch, wb *pgx.Batch, res *Result,
-	drops *[]droppedField) error {
-	st, err := s.read(ctx, tx, cands, b)
-	if err != nil {
-		return err
-	}
-	var dead []Refusal
-	var fresh []candidate
-	var undo []string // ids marked applied by this round whose event is refused after all
-	for _, c := range cands {
-		if owner := st.owners[c.ev.BuildID]; owner != c.ev.ProjectID {
-			dead = append(dead, Refusal{Msg: c.msg, Reason: events.ReasonBuildProjectClash,
-				Detail: fmt.Sprintf("build %q belongs to project %q, not %q", c.ev.BuildID, owner, c.ev.ProjectID)})
-			if st.marked[c.ev.ID] {
-				undo = append(undo, c.ev.ID)
+// foldBatch folds the batch's messages, in order, into a partition that
+// knows st.
+func foldBatch(b batch, st fold.Stored) (*fold.Partition, Result, []droppedField) {
+	p := fold.NewPartition()
+	p.Load(st)
+	var res Result
+	var drops []droppedField
+	for i := range b.dec {
+		d := &b.dec[i]
+		switch out, _ := p.Add(d); out {
+		case fold.Counted:
+			res.Applied++
+			ev, _ := d.Event()
+			for _, dr := range ev.Dropped {
+				drops = append(drops, droppedField{msg: d.Msg, id: ev.ID, drop: dr})
 			}
-			continue
-		}
-		if st.marked[c.ev.ID] {
-			fresh = append(fresh, c)
-			continue
-		}
-		if string(st.digests[c.ev.ID]) == string(c.digest) {
+		case fold.Duplicate:
 			res.Duplicates++
-			continue
-		}
-		dead = append(dead, Refusal{Msg: c.msg, Reason: events.ReasonIDConflict,
-			Detail: fmt.Sprintf("id %q was applied before with different content", c.ev.ID)})
-	}
-	// A build claimed by this round for no applied event stays unclaimed: a
-	// refused event owns nothing.
-	var unclaim []string
-	named := map[string]bool{}
-	for _, c := range fresh {
-		named[c.ev.BuildID] = true
-	}
-	for id := range st.claimed {
-		if !named[id] {
-			unclaim = append(unclaim, id)
 		}
 	}
-	res.Applied += len(fresh)
-	res.DeadLettered += len(dead)
-	for _, c := range fresh {
-		for _, d := range c.ev.Dropped {
-			*drops = append(*drops, droppedField{msg: c.msg, id: c.ev.ID, drop: d})
-		}
-	}
-	res.Dropped = len(*drops)
-
-	dec, err := decide(ctx, st.facts, fresh, func(ctx context.Context, projects []string) (map[string]map[string]*fsm.Build, error) {
-		rows, _ := tx.Query(ctx, loadProjectsSQL, projects)
-		return scanFacts(rows)
-	})
-	if err != nil {
-		return err
-	}
-	if len(undo) > 0 {
-		wb.Queue(`DELETE FROM projector_applied WHERE event_id = ANY($1::text[])`, undo)
-	}
-	if len(unclaim) > 0 {
-		slices.Sort(unclaim)
-		wb.Queue(`DELETE FROM projector_builds WHERE build_id = ANY($1::text[])`, unclaim)
-	}
-	queueFacts(wb, dec.facts)
-	queueRoles(wb, dec.roles)
-	queueDeadLetters(wb, dead, s.opts.Prefix, b.retries)
-	queuePlans(wb, dec.plans)
-	return nil
+	res.Dropped = len(drops)
+	return p, res, drops
 }
 
-// state is what a batch needs to know from the database.
-type state struct {
-	owners  map[string]string                // build id → owning project
-	claimed map[string]bool                  // builds this round claimed
-	marked  map[string]bool                  // event ids this batch marked applied
-	digests map[string][]byte                // digests of ids applied before
-	facts   map[string]map[string]*fsm.Build // project → build id → stored facts
+// write sends what the fold changed, in one round trip: the new claims and
+// applied ids first (each in key order, so that concurrent projectors take
+// their locks in one order), then facts, roles, dead letters and the plans.
+// A claim or id that is there already was committed by a concurrent
+// transaction after read: errRaced.
+func (s *Store) write(ctx context.Context, tx pgx.Tx, ch fold.Changes, retries map[uint64]int) error {
+	wb := &pgx.Batch{}
+	raced := false
+	insertedAll := func(want int) func(pgx.Rows) error {
+		return func(rows pgx.Rows) error {
+			n := 0
+			for rows.Next() {
+				n++
+			}
+			if n < want {
+				raced = true
+			}
+			return rows.Err()
+		}
+	}
+	if n := len(ch.Claims); n > 0 {
+		builds, owners := make([]string, n), make([]string, n)
+		for i, c := range ch.Claims {
+			builds[i], owners[i] = c.BuildID, c.ProjectID
+		}
+		wb.Queue(claimBuildsSQL, builds, owners).Query(insertedAll(n))
+	}
+	if n := len(ch.Applied); n > 0 {
+		ids, digests, seqs := make([]string, n), make([][]byte, n), make([]int64, n)
+		for i := range ch.Applied {
+			a := &ch.Applied[i]
+			ids[i], digests[i], seqs[i] = a.EventID, a.Digest[:], int64(a.Seq)
+		}
+		wb.Queue(markAppliedSQL, ids, digests, seqs).Query(insertedAll(n))
+	}
+	queueFacts(wb, ch.Facts)
+	queueRoles(wb, ch.Roles)
+	queueDeadLetters(wb, ch.Refused, s.opts.Prefix, retries)
+	queuePlans(wb, ch.Plans)
+	err := tx.SendBatch(ctx, wb).Close()
+	if raced {
+		return errRaced
+	}
+	if err != nil {
+		return fmt.Errorf("write: %w", err)
+	}
+	return nil
 }
 
 // read sends, in one round trip and in this order: the rebuild gate
 // (shared) and one advisory lock per bucket of projects, in order so that
-// concurrent projectors cannot deadlock on them; the removal of re-driven
-// dead letters; the claim of every build (the first project to name a build
-// owns it); the mark of every event id as applied; and the stored facts of
-// every project the batch touches.
-func (s *Store) read(ctx context.Context, tx pgx.Tx, cands []candidate, b batch) (state, error) {
-	st := state{owners: map[string]string{}, claimed: map[string]bool{}, marked: map[string]bool{}, digests: map[string][]byte{}}
-	projects, keys := projectsOf(cands)
-	builds, owners := buildsOf(cands)
-	ids, digests, seqs := idsOf(cands)
-
+// concurrent projectors cannot deadlock on them; then, once the locks are
+// held (each statement reads what was committed when it starts), the
+// claims of the builds the batch names, the applied ids it carries, and the
+// stored facts of its projects (their role holders and the named builds).
+func (s *Store) read(ctx context.Context, tx pgx.Tx, b batch) (fold.Stored, error) {
+	st := fold.Stored{Projects: map[string]map[string]*fsm.Build{}, Whole: map[string]bool{},
+		Claims: map[string]string{}, IDs: map[string][]byte{}}
+	projects, keys, builds, ids := namesOf(b.dec)
 	rb := &pgx.Batch{}
 	if s.opts.Gate {
 		rb.Queue(`SELECT pg_advisory_xact_lock_shared($1::int4, $2::int4)`, gateClass, gateID)
@@ -444,75 +415,35 @@ func (s *Store) read(ctx context.Context, tx pgx.Tx, cands []candidate, b batch)
 	if len(keys) > 0 {
 		rb.Queue(`SELECT count(pg_advisory_xact_lock($1::int4, k)) FROM unnest($2::int4[]) AS k`, lockClass, keys)
 	}
-	if len(cands) > 0 {
-		rb.Queue(claimBuildsSQL, builds, owners).Query(func(rows pgx.Rows) error {
+	if len(builds) > 0 {
+		rb.Queue(buildOwnersSQL, builds).Query(func(rows pgx.Rows) error {
 			var id, project string
-			var claimed bool
-			_, err := pgx.ForEachRow(rows, []any{&id, &project, &claimed}, func() error {
-				st.owners[id] = project
-				if claimed {
-					st.claimed[id] = true
-				}
+			_, err := pgx.ForEachRow(rows, []any{&id, &project}, func() error {
+				st.Claims[id] = project
 				return nil
 			})
 			return err
 		})
-		rb.Queue(markAppliedSQL, ids, digests, seqs).Query(func(rows pgx.Rows) error {
+		rb.Queue(appliedDigestsSQL, ids).Query(func(rows pgx.Rows) error {
 			var id string
 			var digest []byte
-			var inserted bool
-			_, err := pgx.ForEachRow(rows, []any{&id, &digest, &inserted}, func() error {
-				if inserted {
-					st.marked[id] = true
-				} else {
-					st.digests[id] = append([]byte(nil), digest...)
-				}
+			_, err := pgx.ForEachRow(rows, []any{&id, &digest}, func() error {
+				st.IDs[id] = append([]byte(nil), digest...)
 				return nil
 			})
 			return err
 		})
 		rb.Queue(loadViewSQL, builds, projects).Query(func(rows pgx.Rows) error {
 			var err error
-			st.facts, err = scanFacts(rows)
+			st.Projects, err = scanFacts(rows)
 			return err
 		})
 	}
+	if rb.Len() == 0 {
+		return st, nil
+	}
 	if err := tx.SendBatch(ctx, rb).Close(); err != nil {
-		return state{}, fmt.Errorf("read: %w", err)
-	}
-	// A row committed by a concurrent transaction after this statement's
-	// snapshot is not returned by the statements above: read it afresh.
-	var missingBuilds, missingIDs []string
-	for _, id := range builds {
-		if _, ok := st.owners[id]; !ok {
-			missingBuilds = append(missingBuilds, id)
-		}
-	}
-	for _, id := range ids {
-		if _, ok := st.digests[id]; !ok && !st.marked[id] {
-			missingIDs = append(missingIDs, id)
-		}
-	}
-	if len(missingBuilds) > 0 {
-		rows, _ := tx.Query(ctx, buildOwnersSQL, missingBuilds)
-		var id, project string
-		if _, err := pgx.ForEachRow(rows, []any{&id, &project}, func() error {
-			st.owners[id] = project
-			return nil
-		}); err != nil {
-			return state{}, fmt.Errorf("read build owners: %w", err)
-		}
-	}
-	if len(missingIDs) > 0 {
-		rows, _ := tx.Query(ctx, `SELECT event_id, digest FROM projector_applied WHERE event_id = ANY($1::text[])`, missingIDs)
-		var id string
-		var digest []byte
-		if _, err := pgx.ForEachRow(rows, []any{&id, &digest}, func() error {
-			st.digests[id] = append([]byte(nil), digest...)
-			return nil
-		}); err != nil {
-			return state{}, fmt.Errorf("read applied digests: %w", err)
-		}
+		return fold.Stored{}, fmt.Errorf("read: %w", err)
 	}
 	return st, nil
 }
@@ -534,97 +465,50 @@ func lockBucket(projectID string) int32 {
 	return int32(h.Sum32() % lockBuckets)
 }
 
-// projectsOf lists the batch's projects and their lock buckets in order.
-func projectsOf(cands []candidate) ([]string, []int32) {
+// namesOf lists what the batch's valid events name: their projects, the
+// projects' lock buckets in order, their builds and their ids (each list
+// without repeats; builds and ids in order).
+func namesOf(dec []fold.Decoded) (projects []string, buckets []int32, builds, ids []string) {
 	seen := map[string]bool{}
-	var projects []string
-	var buckets []int32
-	for _, c := range cands {
-		if !seen[c.ev.ProjectID] {
-			seen[c.ev.ProjectID] = true
-			projects = append(projects, c.ev.ProjectID)
-			buckets = append(buckets, lockBucket(c.ev.ProjectID))
+	for i := range dec {
+		ev, err := dec[i].Event()
+		if err != nil {
+			continue
 		}
+		if !seen[ev.ProjectID] {
+			seen[ev.ProjectID] = true
+			projects = append(projects, ev.ProjectID)
+			buckets = append(buckets, lockBucket(ev.ProjectID))
+		}
+		builds = append(builds, ev.BuildID)
+		ids = append(ids, ev.ID)
 	}
 	slices.Sort(buckets)
-	return projects, slices.Compact(buckets)
-}
-
-// buildsOf lists the batch's builds in id order (one insertion order for
-// every projector) with the project that names each first.
-func buildsOf(cands []candidate) (builds, owners []string) {
-	owner := map[string]string{}
-	for _, c := range cands {
-		if _, ok := owner[c.ev.BuildID]; !ok {
-			owner[c.ev.BuildID] = c.ev.ProjectID
-			builds = append(builds, c.ev.BuildID)
-		}
-	}
 	slices.Sort(builds)
-	owners = make([]string, len(builds))
-	for i, b := range builds {
-		owners[i] = owner[b]
-	}
-	return builds, owners
+	slices.Sort(ids)
+	return projects, slices.Compact(buckets), slices.Compact(builds), slices.Compact(ids)
 }
 
-// idsOf lists the batch's event ids in id order with digests and sequences.
-func idsOf(cands []candidate) (ids []string, digests [][]byte, seqs []int64) {
-	sorted := slices.Clone(cands)
-	slices.SortFunc(sorted, func(a, b candidate) int { return strings.Compare(a.ev.ID, b.ev.ID) })
-	ids, digests, seqs = make([]string, len(sorted)), make([][]byte, len(sorted)), make([]int64, len(sorted))
-	for i, c := range sorted {
-		ids[i], digests[i], seqs[i] = c.ev.ID, c.digest, int64(c.msg.Seq)
-	}
-	return ids, digests, seqs
-}
-
-// claimBuildsSQL claims unowned builds and returns the owner of every build
-// named: the new rows from the insert, the existing ones from the table.
+// claimBuildsSQL claims builds nobody had claimed when the batch read them,
+// and returns those it claimed: a build missing from the result was claimed
+// by a concurrent transaction meanwhile (it waited for that one's commit).
 const claimBuildsSQL = `
-WITH ins AS (
-    INSERT INTO projector_builds (build_id, project_id)
-    SELECT * FROM unnest($1::text[], $2::text[])
-    ON CONFLICT (build_id) DO NOTHING
-    RETURNING build_id, project_id)
-SELECT build_id, project_id, true FROM ins
-UNION ALL
-SELECT b.build_id, b.project_id, false FROM projector_builds b
-WHERE b.build_id = ANY($1::text[]) AND NOT EXISTS (SELECT 1 FROM ins WHERE ins.build_id = b.build_id)`
+INSERT INTO projector_builds (build_id, project_id)
+SELECT * FROM unnest($1::text[], $2::text[])
+ON CONFLICT (build_id) DO NOTHING
+RETURNING build_id`
 
 const buildOwnersSQL = `SELECT build_id, project_id FROM projector_builds WHERE build_id = ANY($1::text[])`
 
-// markAppliedSQL marks new ids applied and returns, for ids applied before,
-// their stored digest (a repeat with the same digest is a duplicate).
+// markAppliedSQL marks ids applied that were not when the batch read them,
+// and returns those it marked (as claimBuildsSQL).
 const markAppliedSQL = `
-WITH ins AS (
-    INSERT INTO projector_applied (event_id, digest, stream_seq)
-    SELECT * FROM unnest($1::text[], $2::bytea[], $3::bigint[])
-    ON CONFLICT (event_id) DO NOTHING
-    RETURNING event_id)
-SELECT event_id, NULL::bytea, true FROM ins
-UNION ALL
-SELECT a.event_id, a.digest, false FROM projector_applied a
-WHERE a.event_id = ANY($1::text[]) AND NOT EXISTS (SELECT 1 FROM ins WHERE ins.event_id = a.event_id)`
+INSERT INTO projector_applied (event_id, digest, stream_seq)
+SELECT * FROM unnest($1::text[], $2::bytea[], $3::bigint[])
+ON CONFLICT (event_id) DO NOTHING
+RETURNING event_id`
 
-// detailOf is the human part of a rejection (the reason has its own
-// column), in the words of events.Plain.
-func detailOf(err error) string {
-	var ie *events.InvalidError
-	if errors.As(err, &ie) {
-		return events.PlainText(ie.Detail)
-	}
-	return events.Plain(err)
-}
-
-// factRow is one projector_facts row to write.
-type factRow struct {
-	build   *fsm.Build
-	kind    events.Kind
-	step    *fsm.Step
-	seq     uint64
-	project string
-}
+const appliedDigestsSQL = `SELECT event_id, digest FROM projector_applied WHERE event_id = ANY($1::text[])`
 
 const factColumns = `f.build_id, f.kind, f.project_id, f.event_id, f.occurred_at,
        f.framework, f.node_version, f.package_manager, f.attempt, f.outcome, f.duration_ms, f.error, f.timed_out`
@@ -644,134 +528,6 @@ WHERE r.project_id = ANY($2::text[])`
 const loadProjectsSQL = `
 SELECT ` + factColumns + ` FROM projector_builds b JOIN projector_facts f ON f.build_id = b.build_id
 WHERE b.project_id = ANY($1::text[])`
-
-// decision is the outcome of folding a batch into its projects.
-type decision struct {
-	plans []fsm.Plan
-	facts []factRow
-	roles map[string]fsm.Roles // projects whose role holders changed
-}
-
-// loader reads whole histories of projects.
-type loader func(ctx context.Context, projectIDs []string) (map[string]map[string]*fsm.Build, error)
-
-// decide folds the new events into the stored facts of their projects and
-// asks each project's machine for its plan. before holds each project's role
-// holders and the batch's builds; a project where that is not enough (a
-// holder was demoted) is decided again on its whole history from load.
-func decide(ctx context.Context, before map[string]map[string]*fsm.Build, cands []candidate, load loader) (decision, error) {
-	d := decision{roles: map[string]fsm.Roles{}}
-	if len(cands) == 0 {
-		return d, nil
-	}
-	byProject := map[string][]candidate{}
-	var projectIDs []string
-	for _, c := range cands {
-		if _, ok := byProject[c.ev.ProjectID]; !ok {
-			projectIDs = append(projectIDs, c.ev.ProjectID)
-		}
-		byProject[c.ev.ProjectID] = append(byProject[c.ev.ProjectID], c)
-	}
-	slices.Sort(projectIDs)
-	var whole []string
-	results := map[string]projectDecision{}
-	for _, p := range projectIDs {
-		pd, ok := decideProject(ctx, p, before[p], byProject[p], false)
-		if !ok {
-			whole = append(whole, p)
-			continue
-		}
-		results[p] = pd
-	}
-	if len(whole) > 0 {
-		full, err := load(ctx, whole)
-		if err != nil {
-			return d, err
-		}
-		for _, p := range whole {
-			pd, _ := decideProject(ctx, p, full[p], byProject[p], true)
-			results[p] = pd
-		}
-	}
-	for _, p := range projectIDs {
-		pd := results[p]
-		if pd.err != nil {
-			return d, pd.err
-		}
-		if len(pd.plan.Actions) > 0 {
-			d.plans = append(d.plans, pd.plan)
-		}
-		d.facts = append(d.facts, pd.facts...)
-		if pd.rolesChanged {
-			d.roles[p] = pd.roles
-		}
-	}
-	return d, nil
-}
-
-type projectDecision struct {
-	plan         fsm.Plan
-	facts        []factRow
-	roles        fsm.Roles
-	rolesChanged bool
-	err          error
-}
-
-// decideProject merges one project's new events into its builds. With whole
-// false, the builds are a subset, and ok is false when that is not enough.
-func decideProject(ctx context.Context, p string, stored map[string]*fsm.Build, cands []candidate, whole bool) (projectDecision, bool) {
-	beforeList := values(stored)
-	rolesBefore := fsm.RolesOf(beforeList)
-	after := make(map[string]*fsm.Build, len(stored)+1)
-	for id, b := range stored {
-		cp := *b
-		after[id] = &cp
-	}
-	changed := map[[2]string]factRow{}
-	for _, c := range cands {
-		b := after[c.ev.BuildID]
-		if b == nil {
-			b = &fsm.Build{ID: c.ev.BuildID, ProjectID: p}
-			after[c.ev.BuildID] = b
-		}
-		if b.Merge(c.ev) {
-			k := c.ev.Kind()
-			changed[[2]string{c.ev.BuildID, string(k)}] = factRow{build: b, kind: k, step: *b.Step(k), seq: c.msg.Seq, project: p}
-		}
-	}
-	if !whole {
-		for id, b := range stored {
-			if rolesBefore.Holds(id) && fsm.Demoted(b, after[id]) {
-				return projectDecision{}, false
-			}
-		}
-	}
-	afterList := values(after)
-	pd := projectDecision{roles: fsm.RolesOf(afterList)}
-	pd.rolesChanged = pd.roles != rolesBefore
-	for _, f := range changed {
-		pd.facts = append(pd.facts, f)
-	}
-	slices.SortFunc(pd.facts, func(a, b factRow) int {
-		if c := strings.Compare(a.build.ID, b.build.ID); c != 0 {
-			return c
-		}
-		return strings.Compare(string(a.kind), string(b.kind))
-	})
-	pd.plan, pd.err = fsm.Decide(ctx, p, fsm.Derive(p, beforeList), fsm.Derive(p, afterList))
-	if pd.err != nil {
-		pd.err = fmt.Errorf("decide: %w", pd.err)
-	}
-	return pd, true
-}
-
-func values(m map[string]*fsm.Build) []*fsm.Build {
-	out := make([]*fsm.Build, 0, len(m))
-	for _, b := range m {
-		out = append(out, b)
-	}
-	return out
-}
 
 // scanFacts reads fact rows into builds by project and build id.
 func scanFacts(rows pgx.Rows) (map[string]map[string]*fsm.Build, error) {

@@ -9,6 +9,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/buildstate/buildstate/internal/events"
+	"github.com/buildstate/buildstate/internal/fold"
 	"github.com/buildstate/buildstate/internal/fsm"
 )
 
@@ -16,8 +17,9 @@ import (
 // letters, then every plan's phase 1, metrics rows, phase 2. Each plan's own
 // actions are already in that order, so grouping them by kind keeps it.
 
-// upsertFactsSQL writes the facts the fold (fsm's winner rule) decided win
-// over the stored ones, which it read under the projects' advisory locks:
+// upsertFactsSQL writes the facts the fold (internal/fold, fsm's winner
+// rule) decided win over the stored ones, which it read under the projects'
+// advisory locks:
 // the statement does not decide again, so the rule has one place.
 const upsertFactsSQL = `
 INSERT INTO projector_facts (build_id, kind, project_id, event_id, occurred_at, stream_seq,
@@ -43,7 +45,7 @@ func pending(b *fsm.Build, k events.Kind) bool {
 	return (k == events.KindQueued || k == events.KindStarted) && b.Completed == nil
 }
 
-func queueFacts(b *pgx.Batch, facts []factRow) {
+func queueFacts(b *pgx.Batch, facts []fold.Fact) {
 	if len(facts) == 0 {
 		return
 	}
@@ -56,14 +58,14 @@ func queueFacts(b *pgx.Batch, facts []factRow) {
 	timedOut, open := make([]bool, n), make([]bool, n)
 	var closed []string // builds with a new winning completion
 	for i, f := range facts {
-		d := f.step.Data
-		builds[i], kinds[i], projects[i], ids[i] = f.build.ID, string(f.kind), f.project, f.step.EventID
-		ats[i], seqs[i] = f.step.At, int64(f.seq)
+		d := f.Step.Data
+		builds[i], kinds[i], projects[i], ids[i] = f.Build.ID, string(f.Kind), f.Build.ProjectID, f.Step.EventID
+		ats[i], seqs[i] = f.Step.At, int64(f.Seq)
 		frameworks[i], nodes[i], managers[i], errs[i] = d.Framework, d.NodeVersion, d.PackageManager, d.Error
 		attempts[i], durations[i], timedOut[i] = d.Attempt, d.DurationMS, d.TimedOut
-		open[i] = pending(f.build, f.kind)
-		if f.kind == events.KindCompleted {
-			closed = append(closed, f.build.ID)
+		open[i] = pending(&f.Build.Build, f.Kind)
+		if f.Kind == events.KindCompleted {
+			closed = append(closed, f.Build.ID)
 		}
 		if d.Outcome != "" {
 			o := string(d.Outcome)

@@ -9,13 +9,12 @@ package replay
 import (
 	"errors"
 	"fmt"
-	"hash/maphash"
 	"runtime"
 	"slices"
 	"sync"
 	"time"
 
-	"github.com/buildstate/buildstate/internal/events"
+	"github.com/buildstate/buildstate/internal/fold"
 	"github.com/buildstate/buildstate/internal/fsm"
 	"github.com/buildstate/buildstate/internal/projection"
 )
@@ -25,29 +24,20 @@ import (
 // order.
 var ErrOutOfOrder = errors.New("message out of stream order")
 
-// Fold is the read model of a part of the log computed in memory, with the
-// projector's rules: a message is decoded with the time the log stored it
-// (events.Decode); a build belongs to the project of the first event naming
-// it that counts (a later event naming it under another project is refused);
-// an event id counts once, at its first sequence (a later copy with the same
-// content is a duplicate, one with other content is refused, and claims no
-// build); the events that count fold into each build with fsm.Build.Merge
-// and into rows with fsm.Derive.
+// Fold is the read model of a part of the log computed in memory with the
+// projector's rules, the live store's own (fold.Partition, which holds
+// them): one partition holding every project, started empty, fed in stream
+// order. This wrapper adds what a replay needs around it: the order check,
+// decoding on every core, and the model as rows for projection.Loader.
 //
 // It holds no database and no connection: feed it messages in stream order
 // with Add, read a project with View. When it is fed only one project's
 // subjects (as ProjectAt does), the two cross-project rules see only that
 // project's events.
 type Fold struct {
-	prefix   string
-	lastSeq  uint64
-	seed     [2]maphash.Seed
-	ids      map[idKey]idDigest               // event id -> digest of its first valid copy, both cut to 128 bits
-	builds   map[string]*projection.BulkBuild // build id -> build, under the project of its first claim
-	projects map[string]*foldProject          // project -> its builds and last position
-	refused  []projection.Refusal             // the messages the projector would dead-letter
-	interned map[string]*string               // one copy of each framework, node version, package manager
-	counts   Counts
+	prefix  string
+	lastSeq uint64
+	p       *fold.Partition
 
 	// Applied, if set, is called with each event id that counts, at its
 	// first sequence, in stream order: the projector_applied rows, final
@@ -56,53 +46,21 @@ type Fold struct {
 	Applied func(projection.Applied)
 }
 
-// maxInterned bounds Fold.interned: past it, values are kept as decoded.
-const maxInterned = 4096
-
-type foldProject struct {
-	bulk projection.BulkProject
-	last Position
-}
-
 // Position is a message's place in the log.
-type Position struct {
-	Seq      uint64
-	StoredAt time.Time
-}
+type Position = fold.Position
 
 // Counts says what a fold did with the messages it was given.
-type Counts struct {
-	Applied    int // valid events seen for the first time
-	Duplicates int // repeats of an event id with the same content
-	Refused    int // invalid or conflicting messages (the projector's dead letters)
-}
+type Counts = fold.Counts
 
 // NewFold returns an empty fold of messages published under prefix.
 func NewFold(prefix string) *Fold {
-	return &Fold{
-		prefix:   prefix,
-		seed:     [2]maphash.Seed{maphash.MakeSeed(), maphash.MakeSeed()},
-		ids:      map[idKey]idDigest{},
-		builds:   map[string]*projection.BulkBuild{},
-		projects: map[string]*foldProject{},
-		interned: map[string]*string{},
+	f := &Fold{prefix: prefix, p: fold.NewPartition()}
+	f.p.Applied = func(a fold.Applied) {
+		if f.Applied != nil {
+			f.Applied(a)
+		}
 	}
-}
-
-// intern returns the fold's copy of *s: the few frameworks, node versions
-// and package managers repeat across a log's events, so the builds share
-// them instead of holding a copy each.
-func (f *Fold) intern(s *string) *string {
-	if s == nil {
-		return nil
-	}
-	if c, ok := f.interned[*s]; ok {
-		return c
-	}
-	if len(f.interned) < maxInterned {
-		f.interned[*s] = s
-	}
-	return s
+	return f
 }
 
 // Add folds one message in. It returns whether the message counted as a new
@@ -110,13 +68,20 @@ func (f *Fold) intern(s *string) *string {
 // events.Reason) for a message the projector would dead-letter, and
 // ErrOutOfOrder for a sequence not after the previous one.
 func (f *Fold) Add(seq uint64, subject string, data []byte, storedAt time.Time) (bool, error) {
-	if seq <= f.lastSeq {
-		return false, fmt.Errorf("%w: %d after %d", ErrOutOfOrder, seq, f.lastSeq)
+	d := fold.Decode(f.prefix, projection.Message{Seq: seq, Subject: subject, Data: data, StoredAt: storedAt})
+	return f.add(&d)
+}
+
+func (f *Fold) add(d *fold.Decoded) (bool, error) {
+	if d.Msg.Seq <= f.lastSeq {
+		return false, fmt.Errorf("%w: %d after %d", ErrOutOfOrder, d.Msg.Seq, f.lastSeq)
 	}
-	m := projection.Message{Seq: seq, Subject: subject, Data: data, StoredAt: storedAt}
-	var d decoded
-	d.decode(f, m)
-	return f.add(m, d)
+	out, err := f.p.Add(d)
+	if errors.Is(err, fold.ErrSealed) {
+		return false, err
+	}
+	f.lastSeq = d.Msg.Seq
+	return out == fold.Counted, err
 }
 
 // AddBatch folds msgs in, in order: AddDecoded(Decode(msgs, Decoded{})).
@@ -126,21 +91,20 @@ func (f *Fold) AddBatch(msgs []projection.Message) error {
 
 // Decoded is a batch of messages decoded by Fold.Decode.
 type Decoded struct {
-	msgs []projection.Message
-	dec  []decoded
+	dec []fold.Decoded
 }
 
 // Len is the number of messages in the batch.
-func (b Decoded) Len() int { return len(b.msgs) }
+func (b Decoded) Len() int { return len(b.dec) }
 
 // Decode decodes msgs on up to GOMAXPROCS goroutines, into reuse's memory
 // when it has room (a batch already folded in; zero for none). It reads no
 // state of the fold that folding changes, so the next batch may be decoded
 // while this one is folded in.
 func (f *Fold) Decode(msgs []projection.Message, reuse Decoded) Decoded {
-	b := Decoded{msgs: msgs, dec: reuse.dec[:0]}
+	b := Decoded{dec: reuse.dec[:0]}
 	if cap(b.dec) < len(msgs) {
-		b.dec = make([]decoded, len(msgs))
+		b.dec = make([]fold.Decoded, len(msgs))
 	}
 	b.dec = b.dec[:len(msgs)]
 	workers := min(runtime.GOMAXPROCS(0), max(1, len(msgs)/256))
@@ -150,7 +114,7 @@ func (f *Fold) Decode(msgs []projection.Message, reuse Decoded) Decoded {
 		hi := min(len(msgs), lo+chunk)
 		wg.Go(func() {
 			for i := lo; i < hi; i++ {
-				b.dec[i].decode(f, msgs[i])
+				b.dec[i] = fold.Decode(f.prefix, msgs[i])
 			}
 		})
 	}
@@ -162,121 +126,22 @@ func (f *Fold) Decode(msgs []projection.Message, reuse Decoded) Decoded {
 // would dead-letter are kept (Bulk.Dead); it fails only with ErrOutOfOrder,
 // or after Seal.
 func (f *Fold) AddDecoded(b Decoded) error {
-	for i, m := range b.msgs {
-		if m.Seq <= f.lastSeq {
-			return fmt.Errorf("%w: %d after %d", ErrOutOfOrder, m.Seq, f.lastSeq)
-		}
-		if _, err := f.add(m, b.dec[i]); errors.Is(err, errSealed) {
+	for i := range b.dec {
+		if _, err := f.add(&b.dec[i]); errors.Is(err, ErrOutOfOrder) || errors.Is(err, fold.ErrSealed) {
 			return err
 		}
 	}
 	return nil
 }
 
-// idKey and idDigest are what the fold keeps of each event id: a 128-bit
-// hash of the id (two seeded maphashes) and the first 128 bits of the
-// digest of its first copy. Neither holds a pointer, so the garbage
-// collector never scans the map, the biggest thing a fold of a long log
-// holds; a collision of either among a log's ids is as unlikely as one of
-// two random 128-bit numbers (~10^-26 for 10^6 ids). The full digest goes
-// to projector_applied when the id is first seen (Fold.Applied).
-type (
-	idKey    [2]uint64
-	idDigest [16]byte
-)
-
-// decoded is a message decoded, with its event's digest and id key, or
-// refused.
-type decoded struct {
-	ev     events.Event
-	digest [32]byte
-	key    idKey
-	err    error
-}
-
-func (d *decoded) decode(f *Fold, m projection.Message) {
-	d.ev, d.err = events.Decode(f.prefix, m.Subject, m.Data, m.StoredAt)
-	if d.err == nil {
-		d.digest = d.ev.Digest()
-		d.key = idKey{maphash.String(f.seed[0], d.ev.ID), maphash.String(f.seed[1], d.ev.ID)}
-	}
-}
-
-// add folds in message m, decoded as dec.
-func (f *Fold) add(m projection.Message, dec decoded) (bool, error) {
-	if f.ids == nil {
-		return false, errSealed
-	}
-	f.lastSeq = m.Seq
-	if dec.err != nil {
-		return false, f.refuse(m, dec.err)
-	}
-	ev := dec.ev
-	// As the projector does, event by event: a build named under another
-	// project than the one that claimed it is refused; then a repeated id is
-	// a duplicate or a conflict; only an event that counts claims its build.
-	b, claimed := f.builds[ev.BuildID]
-	if claimed && b.ProjectID != ev.ProjectID {
-		return false, f.refuse(m, events.Conflict(events.ReasonBuildProjectClash,
-			"build %q belongs to project %q, not %q", ev.BuildID, b.ProjectID, ev.ProjectID))
-	}
-	d := dec.digest
-	key := dec.key
-	if prev, ok := f.ids[key]; ok {
-		if prev == idDigest(d[:16]) {
-			f.counts.Duplicates++
-			return false, nil
-		}
-		return false, f.refuse(m, events.Conflict(events.ReasonIDConflict,
-			"id %q was applied before with different content", ev.ID))
-	}
-	f.ids[key] = idDigest(d[:16])
-	if f.Applied != nil {
-		f.Applied(projection.Applied{EventID: ev.ID, Digest: d, Seq: m.Seq})
-	}
-	p := f.projects[ev.ProjectID]
-	if p == nil {
-		p = &foldProject{bulk: projection.BulkProject{ID: ev.ProjectID}}
-		f.projects[ev.ProjectID] = p
-	}
-	if !claimed {
-		b = &projection.BulkBuild{Build: fsm.Build{ID: ev.BuildID, ProjectID: p.bulk.ID}}
-		f.builds[ev.BuildID] = b
-		p.bulk.Builds = append(p.bulk.Builds, b)
-	}
-	ev.Data.Framework, ev.Data.NodeVersion = f.intern(ev.Data.Framework), f.intern(ev.Data.NodeVersion)
-	ev.Data.PackageManager = f.intern(ev.Data.PackageManager)
-	if b.Merge(ev) {
-		b.Seqs[projection.KindSlot(ev.Kind())] = m.Seq
-	}
-	p.last = Position{Seq: m.Seq, StoredAt: m.StoredAt}
-	f.counts.Applied++
-	return true, nil
-}
-
-func (f *Fold) refuse(m projection.Message, err error) error {
-	f.refused = append(f.refused, projection.RefusalOf(m, err))
-	return err
-}
-
 // View is what the read model holds for project after the messages added so
 // far: its row (nil while it has no visible build) and its metrics rows.
-func (f *Fold) View(project string) fsm.View {
-	p := f.projects[project]
-	if p == nil {
-		return fsm.Derive(project, nil)
-	}
-	list := make([]*fsm.Build, len(p.bulk.Builds))
-	for i, b := range p.bulk.Builds {
-		list[i] = &b.Build
-	}
-	return fsm.Derive(project, list)
-}
+func (f *Fold) View(project string) fsm.View { return f.p.View(project) }
 
 // Last is the last message that counted for project (the zero Position if none).
 func (f *Fold) Last(project string) Position {
-	if p := f.projects[project]; p != nil {
-		return p.last
+	if pr := f.p.Project(project); pr != nil {
+		return pr.Last
 	}
 	return Position{}
 }
@@ -285,41 +150,29 @@ func (f *Fold) Last(project string) Position {
 func (f *Fold) LastSeq() uint64 { return f.lastSeq }
 
 // Counts says what the fold did so far.
-func (f *Fold) Counts() Counts {
-	c := f.counts
-	c.Refused = len(f.refused)
-	return c
-}
+func (f *Fold) Counts() Counts { return f.p.Counts() }
 
 // Projects lists the projects with at least one counted event, in no order.
 func (f *Fold) Projects() []string {
-	out := make([]string, 0, len(f.projects))
-	for p := range f.projects {
-		out = append(out, p)
+	var out []string
+	for pr := range f.p.Projects() {
+		out = append(out, pr.ID)
 	}
 	return out
 }
 
-var errSealed = errors.New("fold is sealed")
-
 // Seal ends the fold: it drops what only further messages would need (the
 // ids seen, the biggest part of a long log's fold) before its model is
 // written. Add after Seal fails.
-func (f *Fold) Seal() { f.ids = nil }
+func (f *Fold) Seal() { f.p.Seal() }
 
 // Bulk is the fold's read model as rows for projection.Loader.Finish. The
 // fold must not change while they are read; they may be read by several
 // goroutines at once.
 func (f *Fold) Bulk() projection.Bulk {
 	return projection.Bulk{
-		Projects: func(yield func(*projection.BulkProject) bool) {
-			for _, p := range f.projects {
-				if !yield(&p.bulk) {
-					return
-				}
-			}
-		},
-		Dead:   slices.Values(f.refused),
-		Prefix: f.prefix,
+		Projects: f.p.Projects(),
+		Dead:     slices.Values(f.p.Refusals()),
+		Prefix:   f.prefix,
 	}
 }
