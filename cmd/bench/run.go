@@ -300,6 +300,11 @@ func (b *bencher) catchupOn(bl bench.Backlog) error {
 	}
 	if rate > 0 {
 		b.printf("  RATIO projector/baseline: %.1fx (%.0f vs %.0f events/s; target ≥ 20x)\n", rate/base.EventsPerSec(), rate, base.EventsPerSec())
+		if len(raw) > 0 {
+			each, all := raw.Median(bench.AckEach), raw.Median(bench.AckAll)
+			b.printf("  SUMMARY (per second): raw ack each %.0f, raw ack all %.0f, projector %.0f, seed worker %.0f; projector/raw ack each %.3fx, projector/raw ack all %.3fx (target ≥ 0.25x), projector/seed %.1fx (target ≥ 20x)\n",
+				each, all, rate, base.EventsPerSec(), rate/each, rate/all, rate/base.EventsPerSec())
+		}
 	}
 	return nil
 }
