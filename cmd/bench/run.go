@@ -18,13 +18,18 @@ import (
 	"github.com/buildstate/buildstate/internal/workload"
 )
 
-const usage = `usage: bench <catchup|live|scale|rss|profile|all> [flags]
-  catchup  a backlog (default 200,000 events over 20,000 projects, shuffled, 5% duplicates)
-           applied by one projector process, then the seed's direct-update worker on the
-           same workload in natural order (the baseline); prints events/s, peak RSS, ratio
+const usage = `usage: bench <catchup|raw|live|scale|rss|profile|all> [flags]
+  catchup  a backlog (default 200,000 events over 20,000 projects, shuffled, 5% duplicates):
+           first the raw baseline on it (see raw), then applied by one projector process,
+           then the seed's direct-update worker on the same workload in natural order;
+           prints events/s, peak RSS, and the ratios to raw and to the seed's worker
+  raw      the catch-up backlog fetched by a durable pull consumer that only acks, as the
+           projector's consumer is configured: "ack each" (explicit, one ack a message, as
+           the projector does today) and "ack all" (AckAll, one ack a --batch); msgs/s
   live     a projector caught up; events published at --rate for --duration; prints
            publish → visible-in-Postgres latency p50/p99/max for each --batch × --linger
-  scale    the catch-up backlog with each count of --instances projector processes
+  scale    the raw baseline, then the catch-up backlog with each count of --instances
+           projector processes, each with its ratio to raw
   rss      a catch-up over --rss-projects projects (default 100,000), for peak RSS
   profile  the catch-up in this process: CPU profile (--cpuprofile), time per SQL statement,
            and with --explain FILE the EXPLAIN ANALYZE plans of a few batches
@@ -55,6 +60,8 @@ type options struct {
 	projectorRev   string
 	pgParams       string
 	noBaseline     bool
+	noRaw          bool
+	rawRuns        int
 	timeout        time.Duration
 	projectorEnv   string
 }
@@ -67,7 +74,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	}
 	cmd := args[1]
 	switch cmd {
-	case "catchup", "live", "scale", "rss", "profile", "all":
+	case "catchup", "raw", "live", "scale", "rss", "profile", "all":
 	case "help":
 		fmt.Fprintln(stdout, usage)
 		return nil
@@ -102,6 +109,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	fs.DurationVar(&o.timeout, "timeout", 10*time.Minute, "catchup, scale, rss: give a projector run up to this long, then report how far it got")
 	fs.StringVar(&o.projectorEnv, "projector-env", "", "extra environment for the projector processes, comma-separated KEY=VALUE (e.g. GOGC=400)")
 	fs.BoolVar(&o.noBaseline, "no-baseline", false, "catchup: skip the baseline")
+	fs.BoolVar(&o.noRaw, "no-raw", false, "catchup, scale: skip the raw baseline")
+	fs.IntVar(&o.rawRuns, "raw-runs", 0, "raw measurements of each ack mode, alternating (0: 3 for raw, 1 beside catchup and scale); ratios use the median")
 	if err := fs.Parse(args[2:]); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return nil
@@ -126,18 +135,36 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		o.liveLingers = append(o.liveLingers, d)
 	}
 
+	if o.rawRuns < 0 {
+		return fmt.Errorf("--raw-runs %d: want 0 or more", o.rawRuns)
+	}
+	if o.rawRuns == 0 {
+		o.rawRuns = 1
+		if cmd == "raw" {
+			o.rawRuns = 3
+		}
+	}
 	if o.natsSync != "default" && o.natsSync != "always" {
 		return fmt.Errorf("--nats-sync %q: want default or always", o.natsSync)
 	}
 	fmt.Fprintf(stdout, "machine: %d CPUs (%s), Go %s, %s; load average %.2f\n", runtime.NumCPU(), cpuModel(), runtime.Version(), memTotal(), bench.LoadAverage())
-	fmt.Fprintf(stdout, "services: embedded NATS JetStream (file store, sync %s), PostgreSQL (fresh database per run)\n", o.natsSync)
+	natsOnly := cmd == "raw"
+	if natsOnly {
+		fmt.Fprintf(stdout, "services: embedded NATS JetStream (file store, sync %s)\n", o.natsSync)
+	} else {
+		fmt.Fprintf(stdout, "services: embedded NATS JetStream (file store, sync %s), PostgreSQL (fresh database per run)\n", o.natsSync)
+	}
 	env, err := bench.Setup(ctx, bench.Options{Getenv: getenv, Log: stderr, NATSSyncAlways: o.natsSync == "always",
-		ModuleDir: o.projectorSrc, Revision: o.projectorRev})
+		ModuleDir: o.projectorSrc, Revision: o.projectorRev, NATSOnly: natsOnly})
 	if err != nil {
 		return err
 	}
 	defer env.Close()
-	fmt.Fprintf(stdout, "projector: built from %s\n", env.Source)
+	if natsOnly {
+		fmt.Fprintf(stdout, "module: %s\n", env.Source)
+	} else {
+		fmt.Fprintf(stdout, "projector: built from %s\n", env.Source)
+	}
 	if o.pgParams != "" {
 		fmt.Fprintf(stdout, "projector Postgres settings: %s\n", o.pgParams)
 	}
@@ -145,6 +172,13 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	switch cmd {
 	case "catchup":
 		return b.catchup()
+	case "raw":
+		bl, err := b.catchupBacklog()
+		if err != nil {
+			return err
+		}
+		_, err = b.raw(bl)
+		return err
 	case "live":
 		return b.live()
 	case "scale":
@@ -222,6 +256,13 @@ func (b *bencher) catchup() error {
 }
 
 func (b *bencher) catchupOn(bl bench.Backlog) error {
+	var raw bench.RawSeries
+	if !b.o.noRaw {
+		var err error
+		if raw, err = b.raw(bl); err != nil {
+			return err
+		}
+	}
 	b.quiet("the catch-up")
 	r, err := b.env.Catchup(b.ctx, bl, bench.CatchupConfig{Batch: b.o.batch, Linger: b.o.linger, PGParams: b.o.pgParams, Timeout: b.o.timeout, Env: b.o.env()})
 	rate := 0.0
@@ -233,6 +274,7 @@ func (b *bencher) catchupOn(bl bench.Backlog) error {
 	default:
 		b.printCatchup("projector", r)
 		rate = r.EventsPerSec()
+		b.printVsRaw(r, raw)
 	}
 	if b.o.noBaseline {
 		return nil
@@ -257,9 +299,66 @@ func (b *bencher) catchupOn(bl bench.Backlog) error {
 		b.printf("  baseline without its backoff sleeps: %.0f events/s\n", float64(base.Events)/d.Seconds())
 	}
 	if rate > 0 {
-		b.printf("  RATIO projector/baseline: %.1fx (%.0f vs %.0f events/s)\n", rate/base.EventsPerSec(), rate, base.EventsPerSec())
+		b.printf("  RATIO projector/baseline: %.1fx (%.0f vs %.0f events/s; target ≥ 20x)\n", rate/base.EventsPerSec(), rate, base.EventsPerSec())
+		if len(raw) > 0 {
+			each, all := raw.Median(bench.AckEach), raw.Median(bench.AckAll)
+			b.printf("  SUMMARY (per second): raw ack each %.0f, raw ack all %.0f, projector %.0f, seed worker %.0f; projector/raw ack each %.3fx, projector/raw ack all %.3fx (target ≥ 0.25x), projector/seed %.1fx (target ≥ 20x)\n",
+				each, all, rate, base.EventsPerSec(), rate/each, rate/all, rate/base.EventsPerSec())
+		}
 	}
 	return nil
+}
+
+// raw measures the raw baseline on the backlog: --raw-runs runs of each
+// ack mode, alternating, each printed.
+func (b *bencher) raw(bl bench.Backlog) (bench.RawSeries, error) {
+	b.printf("  raw baseline: a durable pull consumer that only acks (the projector's consumer configuration, pulls of %d), in this process beside the NATS server\n", 2*b.o.batch)
+	b.quiet("the raw baseline")
+	var s bench.RawSeries
+	for run := range b.o.rawRuns {
+		for _, ack := range []bench.RawAck{bench.AckEach, bench.AckAll} {
+			r, err := b.env.Raw(b.ctx, bl, bench.RawConfig{Ack: ack, Batch: b.o.batch})
+			if err != nil {
+				return s, err
+			}
+			every := "every message"
+			if ack == bench.AckAll {
+				every = fmt.Sprintf("every %dth and the last", b.o.batch)
+			}
+			b.printf("  raw %-8s (run %d, acks %s): %d msgs in %.2f s: %.0f msgs/s; %.1f µs CPU a message (NATS server + client); load before %.2f\n",
+				ack, run+1, every, r.Messages, r.Elapsed.Seconds(), r.MsgsPerSec(), us(r.CPUPerMsg()), r.LoadBefore)
+			s = append(s, r)
+		}
+	}
+	if b.o.rawRuns > 1 {
+		b.printf("  raw medians: ack each %.0f msgs/s, ack all %.0f msgs/s\n", s.Median(bench.AckEach), s.Median(bench.AckAll))
+	}
+	return s, nil
+}
+
+// printVsRaw prints a catch-up's ratios to the raw baseline of the same run.
+func (b *bencher) printVsRaw(r bench.CatchupResult, raw bench.RawSeries) {
+	if len(raw) == 0 {
+		return
+	}
+	rate, each, all := r.EventsPerSec(), raw.Median(bench.AckEach), raw.Median(bench.AckAll)
+	b.printf("  RATIO projector ×%d/raw: %.3fx of ack each (%.0f vs %.0f msgs/s), %.3fx of ack all (%.0f vs %.0f msgs/s); target ≥ 0.25x\n",
+		r.Instances, rate/each, rate, each, rate/all, rate, all)
+	n := time.Duration(max(r.Events, 1))
+	b.printf("    CPU a message: projector %.1f µs + Postgres backends %.1f µs + NATS (bench process) %.1f µs; raw (NATS server + client): ack each %.1f µs, ack all %.1f µs\n",
+		us(r.ProjectorCPU/n), us(r.BackendCPU/n), us(r.BenchCPU/n), us(meanCPU(raw, bench.AckEach)), us(meanCPU(raw, bench.AckAll)))
+}
+
+// meanCPU is the mean CPU a message of the raw runs that acked as ack.
+func meanCPU(s bench.RawSeries, ack bench.RawAck) time.Duration {
+	var cpu time.Duration
+	var n int
+	for _, r := range s {
+		if r.Ack == ack {
+			cpu, n = cpu+r.CPU, n+r.Messages
+		}
+	}
+	return cpu / time.Duration(max(n, 1))
 }
 
 func (b *bencher) printCatchup(label string, r bench.CatchupResult) {
@@ -323,6 +422,13 @@ func (b *bencher) scale(bl *bench.Backlog) error {
 	} else {
 		b.printf("\n== scale: the catch-up backlog with %v projector processes on one durable\n", b.o.instances)
 	}
+	var raw bench.RawSeries
+	if !b.o.noRaw {
+		var err error
+		if raw, err = b.raw(*bl); err != nil {
+			return err
+		}
+	}
 	var first float64
 	for _, n := range b.o.instances {
 		b.quiet(fmt.Sprintf("the %d-instance run", n))
@@ -335,6 +441,7 @@ func (b *bencher) scale(bl *bench.Backlog) error {
 			return err
 		}
 		b.printCatchup("projector", r)
+		b.printVsRaw(r, raw)
 		if first == 0 {
 			first = r.EventsPerSec()
 		} else {
@@ -410,6 +517,8 @@ func (o options) env() []string {
 	}
 	return strings.Split(o.projectorEnv, ",")
 }
+
+func us(d time.Duration) float64 { return float64(d.Nanoseconds()) / 1000 }
 
 func ms(d time.Duration) string { return fmt.Sprintf("%.1fms", float64(d.Microseconds())/1000) }
 

@@ -58,6 +58,9 @@ type Options struct {
 	// durability from R3 replication), so that the disk's fsync rate does not
 	// bound the publisher.
 	NATSSyncAlways bool
+	// NATSOnly starts only NATS: no Postgres, no projector build (the raw
+	// baseline needs neither). Source still names the module's commit.
+	NATSOnly bool
 }
 
 // Setup starts the embedded NATS server, finds PostgreSQL (DATABASE_URL,
@@ -97,6 +100,14 @@ func Setup(ctx context.Context, o Options) (env *Env, err error) {
 	if e.js, err = jetstream.New(e.nc); err != nil {
 		return nil, fmt.Errorf("setup: jetstream: %w", err)
 	}
+	if o.NATSOnly {
+		dir, err := findModule(ctx, o.ModuleDir)
+		if err != nil {
+			return nil, fmt.Errorf("setup: %w", err)
+		}
+		e.Source = describe(ctx, dir)
+		return e, nil
+	}
 	if e.pg, err = devenv.FindPostgres(ctx, getenv, func(f string, a ...any) { fmt.Fprintf(log, f+"\n", a...) }); err != nil {
 		return nil, fmt.Errorf("setup: %w", err)
 	}
@@ -129,16 +140,8 @@ func startNATS(storeDir string) (*server.Server, error) {
 // the module of the working directory), or of its git revision rev, into
 // dir, and returns the binary's path and what it was built from.
 func BuildProjector(ctx context.Context, moduleDir, rev, dir string) (bin, source string, err error) {
-	if moduleDir == "" {
-		out, err := exec.CommandContext(ctx, "go", "env", "GOMOD").Output()
-		if err != nil {
-			return "", "", fmt.Errorf("go env GOMOD: %w", err)
-		}
-		gomod := strings.TrimSpace(string(out))
-		if gomod == "" || gomod == os.DevNull {
-			return "", "", errors.New("build projector: not inside the buildstate module (go env GOMOD is empty)")
-		}
-		moduleDir = filepath.Dir(gomod)
+	if moduleDir, err = findModule(ctx, moduleDir); err != nil {
+		return "", "", fmt.Errorf("build projector: %w", err)
 	}
 	src := moduleDir
 	source = describe(ctx, moduleDir)
@@ -161,6 +164,23 @@ func BuildProjector(ctx context.Context, moduleDir, rev, dir string) (bin, sourc
 		return "", "", fmt.Errorf("go build ./cmd/projector in %s: %w\n%s", src, err, out)
 	}
 	return bin, source, nil
+}
+
+// findModule is moduleDir, or if it is "" the directory of the module of
+// the working directory.
+func findModule(ctx context.Context, moduleDir string) (string, error) {
+	if moduleDir != "" {
+		return moduleDir, nil
+	}
+	out, err := exec.CommandContext(ctx, "go", "env", "GOMOD").Output()
+	if err != nil {
+		return "", fmt.Errorf("go env GOMOD: %w", err)
+	}
+	gomod := strings.TrimSpace(string(out))
+	if gomod == "" || gomod == os.DevNull {
+		return "", errors.New("not inside the buildstate module (go env GOMOD is empty)")
+	}
+	return filepath.Dir(gomod), nil
 }
 
 // describe names the commit of a module directory and its uncommitted changes.

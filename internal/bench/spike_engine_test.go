@@ -15,7 +15,6 @@ import (
 	"strconv"
 	"strings"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
@@ -181,75 +180,48 @@ func spikeBacklog(t *testing.T, js jetstream.JetStream, transform bool) {
 // cpuNow is the CPU time this process (the embedded server and the
 // client) has used so far: under a shared load it says more than a rate.
 func cpuNow() time.Duration {
-	var ru syscall.Rusage
-	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+	d, _ := procCPU(os.Getpid())
+	return d
 }
 
 func perMsg(cpu time.Duration, n uint64) string {
 	return fmt.Sprintf("%.1f µs CPU/msg", float64(cpu.Microseconds())/float64(n))
 }
 
-// drain reads every message of cons and acks each one (explicit) or the
-// last of every batch (all), and returns the rate.
+// drain is DrainAcking (the bench's raw baseline) with the spike's pull
+// size, and returns the rate.
 func drain(t *testing.T, cons jetstream.Consumer, total uint64, every int) float64 {
 	t.Helper()
 	start := time.Now()
-	it, err := cons.Messages(jetstream.PullMaxMessages(2000))
-	if err != nil {
+	if err := DrainAcking(context.Background(), cons, int(total), every, jetstream.PullMaxMessages(2000)); err != nil {
 		t.Fatal(err)
-	}
-	defer it.Stop()
-	var n uint64
-	for n < total {
-		m, err := it.Next()
-		if err != nil {
-			t.Fatal(err)
-		}
-		n++
-		if every == 1 || n%uint64(every) == 0 || n == total {
-			if err := m.Ack(); err != nil {
-				t.Fatal(err)
-			}
-		}
-	}
-	// The ack floor reaching the end is the finish line.
-	for {
-		info, err := cons.Info(context.Background())
-		if err != nil {
-			t.Fatal(err)
-		}
-		if info.AckFloor.Stream >= info.Delivered.Stream && info.NumAckPending == 0 && info.NumPending == 0 {
-			break
-		}
-		time.Sleep(time.Millisecond)
 	}
 	return float64(total) / time.Since(start).Seconds()
 }
 
-// (b) Raw fetch+ack of the backlog: one durable, ack each vs ack all.
+// (b) Raw fetch+ack of the backlog: one durable, ack each vs ack all. This
+// is the bench's raw baseline (Env.Raw, `go run ./cmd/bench raw`).
 func TestSpikeRawAck(t *testing.T) {
-	_, js, _ := spikeServer(t)
-	spikeBacklog(t, js, false)
+	if os.Getenv("BENCH_SPIKE") == "" {
+		t.Skip("BENCH_SPIKE=1 runs the engine spike")
+	}
 	ctx := context.Background()
+	env, err := Setup(ctx, Options{NATSOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(env.Close)
+	bl, err := env.PublishBacklog(ctx, "spike", Workload{Seed: 1, Events: 205000, Projects: 20000, DupRate: 0.05})
+	if err != nil {
+		t.Fatal(err)
+	}
 	for run := range 3 {
-		for _, mode := range []struct {
-			name  string
-			ack   jetstream.AckPolicy
-			every int
-		}{{"explicit, ack each", jetstream.AckExplicitPolicy, 1}, {"ack all, every 1000th", jetstream.AckAllPolicy, 1000}} {
-			name := fmt.Sprintf("raw%d%d", run, mode.every)
-			cons, err := js.CreateOrUpdateConsumer(ctx, "BUILDS", jetstream.ConsumerConfig{
-				Durable: name, AckPolicy: mode.ack, AckWait: 10 * time.Second, MaxAckPending: 20000,
-				FilterSubject: "builds.>", MaxDeliver: -1,
-			})
+		for _, ack := range []RawAck{AckEach, AckAll} {
+			r, err := env.Raw(ctx, bl, RawConfig{Ack: ack, Batch: 1000})
 			if err != nil {
 				t.Fatal(err)
 			}
-			c0 := cpuNow()
-			rate := drain(t, cons, 205000, mode.every)
-			t.Logf("run %d %-22s %7.0f msgs/s, %s", run+1, mode.name, rate, perMsg(cpuNow()-c0, 205000))
-			_ = js.DeleteConsumer(ctx, "BUILDS", name)
+			t.Logf("run %d %-8s %7.0f msgs/s, %s", run+1, ack, r.MsgsPerSec(), perMsg(r.CPU, uint64(r.Messages)))
 		}
 	}
 }
@@ -325,23 +297,10 @@ func TestSpikePartitionedAck(t *testing.T) {
 
 func drainPinned(t *testing.T, cons jetstream.Consumer, total uint64) float64 {
 	start := time.Now()
-	it, err := cons.Messages(jetstream.PullMaxMessages(1000), jetstream.PullPriorityGroup("engine"))
-	if err != nil {
+	if err := DrainAcking(context.Background(), cons, int(total), 1000,
+		jetstream.PullMaxMessages(1000), jetstream.PullPriorityGroup("engine")); err != nil {
 		t.Error(err)
 		return 0
-	}
-	defer it.Stop()
-	var n uint64
-	for n < total {
-		m, err := it.Next()
-		if err != nil {
-			t.Error(err)
-			return 0
-		}
-		n++
-		if n%1000 == 0 || n == total {
-			_ = m.Ack()
-		}
 	}
 	return float64(total) / time.Since(start).Seconds()
 }

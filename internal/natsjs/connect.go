@@ -97,8 +97,11 @@ func (c Client) Options() ([]nats.Option, error) {
 }
 
 // Connect connects to NATS as c says, named name, with endless reconnects
-// (an outage is waited out) logged to log. Neither its errors nor its logs
-// hold a secret: every URL in them is redacted.
+// (an outage is waited out) logged to log, and refuses a server older than
+// MinServerVersion (CheckServer): every command connects here, so none can
+// forget the check. A reconnect to an older server (a cluster's member) is
+// logged as an error. Neither its errors nor its logs hold a secret: every
+// URL in them is redacted.
 func Connect(c Client, name string, log *zap.Logger) (*nats.Conn, error) {
 	if log == nil {
 		log = zap.NewNop()
@@ -119,6 +122,9 @@ func Connect(c Client, name string, log *zap.Logger) (*nats.Conn, error) {
 		}),
 		nats.ReconnectHandler(func(nc *nats.Conn) {
 			log.Info("nats reconnected", zap.String("url", redact.URL(nc.ConnectedUrl())))
+			if err := CheckServer(nc); err != nil {
+				log.Error("nats reconnected to an unsupported server", zap.Error(err))
+			}
 		}),
 		nats.ErrorHandler(func(_ *nats.Conn, sub *nats.Subscription, err error) {
 			subject := ""
@@ -131,6 +137,10 @@ func Connect(c Client, name string, log *zap.Logger) (*nats.Conn, error) {
 	nc, err := nats.Connect(c.URL, opts...)
 	if err != nil {
 		return nil, fmt.Errorf("nats: connect %s: %w", redact.URL(c.URL), redact.Error(err))
+	}
+	if err := CheckServer(nc); err != nil {
+		nc.Close()
+		return nil, fmt.Errorf("nats: %w", err)
 	}
 	return nc, nil
 }

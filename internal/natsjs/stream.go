@@ -1,4 +1,5 @@
-// Package natsjs is the JetStream wiring: the BUILDS stream and its durable
+// Package natsjs is the NATS wiring: the connection (which refuses servers
+// older than MinServerVersion), the BUILDS stream and its durable
 // consumer, and the consume loop that hands batches of messages to a handler.
 package natsjs
 
