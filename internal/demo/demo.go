@@ -23,6 +23,7 @@ import (
 	"github.com/buildstate/buildstate/internal/natsjs"
 	"github.com/buildstate/buildstate/internal/projection"
 	"github.com/buildstate/buildstate/internal/projector"
+	"github.com/buildstate/buildstate/internal/web"
 	"github.com/buildstate/buildstate/internal/when"
 )
 
@@ -201,6 +202,16 @@ func printModel(ctx context.Context, w io.Writer, dbURL string, kept bool) error
 			clock(r.LastBuildStarted), clock(r.LastBuildCompleted), dash(r.Framework))
 	}
 	tw.Flush()
+	// What can surprise in these rows, in words (as `projector status` says it).
+	for _, r := range rows {
+		newest, err := store.NewestBuild(ctx, r.ProjectID)
+		if err != nil {
+			return err
+		}
+		for _, n := range web.Explain(r, newest) {
+			fmt.Fprintf(w, "  %s: %s\n", r.ProjectID, n)
+		}
+	}
 	ms, err := store.Metrics(ctx)
 	if err != nil {
 		return err
