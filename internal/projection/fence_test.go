@@ -5,6 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"testing"
+	"time"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/buildstate/buildstate/internal/events"
 	"github.com/buildstate/buildstate/internal/projection"
@@ -163,5 +167,54 @@ func TestSwapFencesTheLiveOwner(t *testing.T) {
 	}
 	if res, err := live.Apply(ctx, &again, msgs(t, 5, deployed("p-2", "b-2", shadowT0)...)); err != nil || res.Applied != 4 {
 		t.Errorf("Apply after acquiring again = %+v, %v; want 4 applied", res, err)
+	}
+}
+
+// An acquire while the previous owner's batch holds the partition's row
+// waits (lock_timeout, then again, logged) and, once that batch commits,
+// returns the checkpoint it wrote: the acquire and the batch cannot both win.
+func TestAcquireWaitsForTheOwnersBatch(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	core, logs := observer.New(zap.WarnLevel)
+	s := newStore(t, projection.Options{Gate: true, Logger: zap.New(core)})
+	a := acquire(t, s, "a")
+	// The owner's batch in flight: its compare-and-set ran, its commit has not.
+	tx, err := s.Pool().Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tx.Rollback(ctx) //nolint:errcheck // after Commit this is a no-op
+	if _, err := tx.Exec(ctx, `UPDATE projector_partitions SET applied_seq = 42 WHERE layout = $1 AND partition = 0 AND epoch = $2`,
+		projection.LayoutP1, a.Epoch); err != nil {
+		t.Fatal(err)
+	}
+	type acquired struct {
+		f   projection.Fence
+		err error
+	}
+	done := make(chan acquired, 1)
+	go func() {
+		f, err := s.Acquire(ctx, projection.LayoutP1, 0, "b")
+		done <- acquired{f, err}
+	}()
+	deadline := time.Now().Add(time.Minute)
+	for logs.FilterMessage("acquire waits for the partition's row").Len() == 0 {
+		select {
+		case got := <-done:
+			t.Fatalf("Acquire = %+v, %v while the row was locked; want it to wait", got.f, got.err)
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("no acquire retry logged within a minute")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if err := tx.Commit(ctx); err != nil {
+		t.Fatal(err)
+	}
+	got := <-done
+	if got.err != nil || got.f.Epoch != a.Epoch+1 || got.f.AppliedSeq != 42 {
+		t.Errorf("Acquire after the batch committed = %+v, %v; want epoch %d, applied_seq 42", got.f, got.err, a.Epoch+1)
 	}
 }
