@@ -179,7 +179,7 @@ func TestStatusExplains(t *testing.T) {
 		}
 		msgs[i] = projection.Message{Seq: uint64(i + 1), Subject: events.Subject("builds", "p-1", ev.Kind()), Data: body, StoredAt: time.Now()}
 	}
-	if _, err := store.Apply(context.Background(), msgs); err != nil {
+	if _, err := store.Apply(context.Background(), nil, msgs); err != nil {
 		t.Fatal(err)
 	}
 	out, errOut, err := runOut(dbURL, "status", "p-1")

@@ -101,7 +101,7 @@ func applyOnce(t *testing.T, env *bench.Env, bl bench.Backlog) model {
 		t.Fatal(err)
 	}
 	defer pool.Close()
-	res, err := projection.New(pool, projection.Options{Prefix: bl.Stream.Prefix}).Apply(ctx, msgs)
+	res, err := projection.New(pool, projection.Options{Prefix: bl.Stream.Prefix}).Apply(ctx, nil, msgs)
 	if err != nil {
 		t.Fatal(err)
 	}

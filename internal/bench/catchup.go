@@ -113,7 +113,7 @@ func (e *Env) Catchup(ctx context.Context, b Backlog, cfg CatchupConfig) (Catchu
 	}
 	res.DatabaseURL = url
 	durable := "bench-" + randomSuffix()
-	cons, err := natsjs.EnsureConsumer(ctx, e.js, b.Stream.Name, durable, b.Stream.Prefix)
+	cons, err := natsjs.EnsureConsumer(ctx, e.js, b.Stream.Name, durable, b.Stream.Prefix, nil)
 	if err != nil {
 		return res, err
 	}

@@ -101,7 +101,7 @@ func (e *Env) Live(ctx context.Context, cfg LiveConfig) (LiveResult, error) {
 		return res, err
 	}
 	durable := "bench-live"
-	cons, err := natsjs.EnsureConsumer(ctx, e.js, st.Name, durable, st.Prefix)
+	cons, err := natsjs.EnsureConsumer(ctx, e.js, st.Name, durable, st.Prefix, nil)
 	if err != nil {
 		return res, err
 	}

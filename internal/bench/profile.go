@@ -116,13 +116,13 @@ func (e *Env) Profile(ctx context.Context, b Backlog, cfg ProfileConfig) (Profil
 		return res, fmt.Errorf("profile: jetstream: %w", err)
 	}
 	durable := "bench-" + randomSuffix()
-	cons, err := natsjs.EnsureConsumer(ctx, js, b.Stream.Name, durable, b.Stream.Prefix)
+	cons, err := natsjs.EnsureConsumer(ctx, js, b.Stream.Name, durable, b.Stream.Prefix, nil)
 	if err != nil {
 		return res, err
 	}
 	defer func() { _ = e.js.DeleteConsumer(context.WithoutCancel(ctx), b.Stream.Name, durable) }()
 	store := projection.New(pool, projection.Options{Prefix: b.Stream.Prefix, Gate: true, Logger: zap.NewNop()})
-	loop := natsjs.NewLoop(cons, projector.Handler(store, projector.NewTelemetry(), zap.NewNop()),
+	loop := natsjs.NewLoop(cons, projector.Handler(store, projector.NewTelemetry(), zap.NewNop(), "bench-profile"),
 		natsjs.LoopOptions{BatchSize: cfg.Batch, Linger: cfg.Linger})
 
 	if cfg.CPUProfile != "" {

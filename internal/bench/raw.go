@@ -91,7 +91,7 @@ func (e *Env) Raw(ctx context.Context, b Backlog, cfg RawConfig) (RawResult, err
 		return res, fmt.Errorf("raw: consumer on %s: %w", b.Stream.Name, err)
 	}
 	defer func() { _ = js.DeleteConsumer(context.WithoutCancel(ctx), b.Stream.Name, ccfg.Durable) }()
-	if err := DrainAcking(ctx, cons, b.Events, every, jetstream.PullMaxMessages(2*cfg.Batch)); err != nil {
+	if err := DrainAcking(ctx, cons, b.Events, every, jetstream.PullMaxMessages(2*cfg.Batch), jetstream.PullPriorityGroup(natsjs.PriorityGroup)); err != nil {
 		return res, fmt.Errorf("raw %s: %w", cfg.Ack, err)
 	}
 	res.Elapsed = time.Since(start)

@@ -213,7 +213,7 @@ func reference(t *testing.T, msgs []projection.Message) string {
 	migrate(t, url)
 	pool := openPool(t, url)
 	store := projection.New(pool, projection.Options{Prefix: prefix, Gate: true})
-	if _, err := store.Apply(context.Background(), msgs); err != nil {
+	if _, err := store.Apply(context.Background(), nil, msgs); err != nil {
 		t.Fatalf("reference Apply: %v", err)
 	}
 	return url

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -13,36 +14,104 @@ import (
 	"go.uber.org/zap"
 )
 
-// ConsumerConfig is the projector's durable pull consumer.
+// ConsumerConfig is the projector's durable pull consumer. It has one
+// priority group, pinned: the server delivers to one client at a time (the
+// pinned one, the partition's writer), and moves the pin to another client
+// that pulls with the group once the pinned one has not pulled for
+// PinnedTTL. Every projector instance pulls; the others are hot standbys.
 func ConsumerConfig(durable, prefix string) jetstream.ConsumerConfig {
 	return jetstream.ConsumerConfig{
-		Durable:       durable,
-		Description:   "buildstate projector",
-		AckPolicy:     jetstream.AckExplicitPolicy,
-		DeliverPolicy: jetstream.DeliverAllPolicy,
-		FilterSubject: prefix + ".>",
-		AckWait:       AckWait,
-		MaxDeliver:    -1, // never give a message up: invalid ones are dead-lettered by the projector
-		MaxAckPending: 20000,
+		Durable:        durable,
+		Description:    "buildstate projector",
+		AckPolicy:      jetstream.AckExplicitPolicy,
+		DeliverPolicy:  jetstream.DeliverAllPolicy,
+		FilterSubject:  prefix + ".>",
+		AckWait:        AckWait,
+		MaxDeliver:     -1, // never give a message up: invalid ones are dead-lettered by the projector
+		MaxAckPending:  20000,
+		PriorityPolicy: jetstream.PriorityPolicyPinned,
+		PriorityGroups: []string{PriorityGroup},
+		PinnedTTL:      PinnedTTL,
 	}
 }
+
+// PriorityGroup is the priority group of the projector's consumer; the loop
+// pulls with it.
+const PriorityGroup = "buildstate"
+
+// PinnedTTL is how long the pinned client may go without pulling before the
+// server pins another: a standby takes over about this long after the
+// writer dies or stops (docs/engine.md, spike c: 4.5 s at 5 s).
+const PinnedTTL = 5 * time.Second
 
 // AckWait is how long a delivered message may stay unacknowledged before
 // JetStream delivers it again (after a projector crash, say). The loop keeps
 // the messages it is working on in progress, so a slow batch is not redelivered.
 const AckWait = 10 * time.Second
 
-// EnsureConsumer creates the durable consumer or updates it to ConsumerConfig.
-func EnsureConsumer(ctx context.Context, js jetstream.JetStream, stream, durable, prefix string) (jetstream.Consumer, error) {
-	c, err := js.CreateOrUpdateConsumer(ctx, stream, ConsumerConfig(durable, prefix))
-	if err != nil {
+// EnsureConsumer creates the durable consumer or updates it to ConsumerConfig,
+// keeping where it starts.
+//
+// A durable without the priority group (made by a release before the fence)
+// cannot be given one: the server lets only PinnedTTL of a priority group
+// change (ADR-42). It is replaced: deleted, and made again under the same
+// name from the old one's ack floor + 1 (DeliverByStartSequence). Messages
+// above the floor that the old one had acked out of order come again and are
+// duplicates by event id; a crash between the delete and the create leaves no
+// durable, and the next start makes one from the start of the stream, all of
+// it duplicates: slower, nothing lost.
+func EnsureConsumer(ctx context.Context, js jetstream.JetStream, stream, durable, prefix string, log *zap.Logger) (jetstream.Consumer, error) {
+	if log == nil {
+		log = zap.NewNop()
+	}
+	want := ConsumerConfig(durable, prefix)
+	for attempt := 1; ; attempt++ {
+		c, err := ensureConsumer(ctx, js, stream, want, log)
+		if err == nil {
+			return c, nil
+		}
+		// Another instance made or replaced it meanwhile: look again.
+		if attempt < 3 && (errors.Is(err, jetstream.ErrConsumerExists) || errors.Is(err, jetstream.ErrConsumerNotFound)) {
+			continue
+		}
 		return nil, fmt.Errorf("ensure consumer %s on %s: %w", durable, stream, err)
 	}
+}
+
+func ensureConsumer(ctx context.Context, js jetstream.JetStream, stream string, want jetstream.ConsumerConfig, log *zap.Logger) (jetstream.Consumer, error) {
+	c, err := js.Consumer(ctx, stream, want.Durable)
+	if errors.Is(err, jetstream.ErrConsumerNotFound) {
+		return js.CreateConsumer(ctx, stream, want)
+	}
+	if err != nil {
+		return nil, err
+	}
+	info := c.CachedInfo()
+	have := info.Config
+	if have.PriorityPolicy == jetstream.PriorityPolicyPinned && slices.Contains(have.PriorityGroups, PriorityGroup) {
+		want.DeliverPolicy, want.OptStartSeq = have.DeliverPolicy, have.OptStartSeq
+		return js.UpdateConsumer(ctx, stream, want)
+	}
+	floor := info.AckFloor.Stream
+	if err := js.DeleteConsumer(ctx, stream, want.Durable); err != nil {
+		return nil, fmt.Errorf("delete the durable without a priority group: %w", err)
+	}
+	if floor > 0 {
+		want.DeliverPolicy, want.OptStartSeq = jetstream.DeliverByStartSequencePolicy, floor+1
+	}
+	c, err = js.CreateConsumer(ctx, stream, want)
+	if err != nil {
+		return nil, err
+	}
+	log.Info("durable consumer replaced by one with the pinned priority group",
+		zap.String("durable", want.Durable), zap.Uint64("old_ack_floor", floor), zap.Uint64("from_seq", floor+1),
+		zap.Uint64("old_pending", info.NumPending), zap.Int("old_ack_pending", info.NumAckPending))
 	return c, nil
 }
 
 // Handler applies a batch. nil: every message is acked. An error wrapping
-// ErrRedeliverLater: every message is nak'ed with a delay. Any other error is
+// ErrRedeliverLater: every message is nak'ed with a delay; wrapping
+// ErrGiveBack: nak'ed at once. Any other error is
 // taken as transient: the same batch is retried with capped exponential
 // backoff and jitter, the messages kept in progress, until it succeeds or the
 // loop stops.
@@ -51,6 +120,12 @@ type Handler func(ctx context.Context, msgs []jetstream.Msg) error
 // ErrRedeliverLater marks a handler error after which the batch should be
 // redelivered later rather than retried at once.
 var ErrRedeliverLater = errors.New("redeliver later")
+
+// ErrGiveBack marks a handler error after which the batch is nak'ed at once,
+// for whoever the server delivers to now (a fenced writer's batch: the
+// pinned client gets it), and the loop goes on pulling; its readiness does
+// not change.
+var ErrGiveBack = errors.New("give the batch back")
 
 // LoopOptions tune Loop.
 type LoopOptions struct {
@@ -102,6 +177,7 @@ func (l *Loop) Run(ctx context.Context) error {
 	it, err := l.cons.Messages(
 		jetstream.PullMaxMessages(2*l.opts.BatchSize),
 		jetstream.WithMessagesErrOnMissingHeartbeat(false),
+		jetstream.PullPriorityGroup(PriorityGroup),
 	)
 	if err != nil {
 		return fmt.Errorf("pull messages: %w", err)
@@ -235,6 +311,12 @@ func (l *Loop) handle(ctx context.Context, batch []jetstream.Msg) {
 				_ = m.Ack()
 			}
 			l.ready.Store(true)
+			return
+		}
+		if errors.Is(err, ErrGiveBack) {
+			for _, m := range batch {
+				_ = m.Nak()
+			}
 			return
 		}
 		if errors.Is(err, ErrRedeliverLater) {

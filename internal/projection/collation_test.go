@@ -43,7 +43,7 @@ func TestTieBreakIgnoresCollation(t *testing.T) {
 				t.Fatal(err)
 			}
 			for j, e := range order { // one batch each: the tie is settled against the stored fact
-				if _, err := s.Apply(ctx, msgs(t, uint64(j+1), e)); err != nil {
+				if _, err := s.Apply(ctx, nil, msgs(t, uint64(j+1), e)); err != nil {
 					t.Fatal(err)
 				}
 			}

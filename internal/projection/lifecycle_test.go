@@ -34,7 +34,7 @@ func TestLifecycle(t *testing.T) {
 		{"next metrics", ev(events.KindMetricsRecorded, "b-2", t0.Add(4*time.Minute), events.Data{}), "building", str("b-2"), false},
 	}
 	for i, st := range steps {
-		res, err := s.Apply(ctx, msgs(t, uint64(i+1), st.ev))
+		res, err := s.Apply(ctx, nil, msgs(t, uint64(i+1), st.ev))
 		if err != nil {
 			t.Fatalf("%s: Apply = %v", st.name, err)
 		}
@@ -63,7 +63,7 @@ func TestLifecycle(t *testing.T) {
 	for _, st := range steps {
 		all = append(all, st.ev)
 	}
-	res, err := s.Apply(ctx, msgs(t, 100, all...))
+	res, err := s.Apply(ctx, nil, msgs(t, 100, all...))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -88,11 +88,11 @@ func TestConflictsAreDeadLettered(t *testing.T) {
 	sameIDOtherContent := first
 	sameIDOtherContent.OccurredAt = t0.Add(time.Second)
 	otherProject := events.New(events.KindStarted, "p-2", "b-1", t0, events.Data{})
-	res, err := s.Apply(ctx, msgs(t, 1, first))
+	res, err := s.Apply(ctx, nil, msgs(t, 1, first))
 	if err != nil {
 		t.Fatal(err)
 	}
-	res, err = s.Apply(ctx, msgs(t, 2, sameIDOtherContent, otherProject))
+	res, err = s.Apply(ctx, nil, msgs(t, 2, sameIDOtherContent, otherProject))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -137,7 +137,7 @@ func TestLateQueuedDemotesNewestBuild(t *testing.T) {
 		events.New(events.KindStarted, "p-9", "b-new", t0.Add(20*time.Second), events.Data{}),
 	}
 	for i, ev := range steps {
-		if _, err := s.Apply(ctx, msgs(t, uint64(i+1), ev)); err != nil {
+		if _, err := s.Apply(ctx, nil, msgs(t, uint64(i+1), ev)); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -150,7 +150,7 @@ func TestLateQueuedDemotesNewestBuild(t *testing.T) {
 	}
 	// ... until its queued event, at 5 s, arrives: now b-mid (15 s) is the newest.
 	late := events.New(events.KindQueued, "p-9", "b-new", t0.Add(5*time.Second), events.Data{})
-	if _, err := s.Apply(ctx, msgs(t, 10, late)); err != nil {
+	if _, err := s.Apply(ctx, nil, msgs(t, 10, late)); err != nil {
 		t.Fatal(err)
 	}
 	row, err = s.Project(ctx, "p-9")
@@ -193,7 +193,7 @@ func TestRefusedEventsClaimNothing(t *testing.T) {
 			s := newStore(t, projection.Options{})
 			seq := uint64(1)
 			for _, b := range batches {
-				if _, err := s.Apply(ctx, msgs(t, seq, b...)); err != nil {
+				if _, err := s.Apply(ctx, nil, msgs(t, seq, b...)); err != nil {
 					t.Fatal(err)
 				}
 				seq += uint64(len(b))

@@ -705,7 +705,7 @@ func applyAll(t *testing.T, s *projection.Store, ms []projection.Message, cuts [
 	t.Helper()
 	var sum projection.Result
 	for _, c := range cuts {
-		res, err := s.Apply(context.Background(), ms[c[0]:c[1]])
+		res, err := s.Apply(context.Background(), nil, ms[c[0]:c[1]])
 		if err != nil {
 			t.Fatalf("Apply(messages %d..%d) = %v", c[0], c[1], err)
 		}
@@ -844,7 +844,7 @@ func TestConcurrentProjectors(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			for _, c := range cuts[w] {
-				res, err := s.Apply(context.Background(), slicesOf[w][c[0]:c[1]])
+				res, err := s.Apply(context.Background(), nil, slicesOf[w][c[0]:c[1]])
 				if err != nil {
 					errs[w] = fmt.Errorf("worker %d: Apply(%d..%d) = %w", w, c[0], c[1], err)
 					return

@@ -180,7 +180,7 @@ func (s *Store) Retry(ctx context.Context, f DeadLetterFilter) (Result, error) {
 				msgs = append(msgs, Message{Seq: d.StreamSeq, Subject: d.RawSubject(), Data: d.Payload, StoredAt: d.StoredAt})
 				retries[d.StreamSeq] = d.Retries + 1
 			}
-			res, err := under.applyIsolating(ctx, msgs, retries)
+			res, err := under.applyIsolating(ctx, nil, msgs, retries)
 			if err != nil {
 				return total, fmt.Errorf("retry dead letters: %w", err)
 			}

@@ -49,7 +49,7 @@ func TestClaimCommittedMeanwhile(t *testing.T) {
 			}
 			done := make(chan applied, 1)
 			go func() {
-				res, err := s.Apply(ctx, msgs(t, 2, ours))
+				res, err := s.Apply(ctx, nil, msgs(t, 2, ours))
 				done <- applied{res, err}
 			}()
 			waitForLockWaiter(t, s.Pool())

@@ -179,6 +179,9 @@ func (s *Shadow) Swap(ctx context.Context, catchUp func(ctx context.Context) err
 				return fmt.Errorf("catch up: %w", err)
 			}
 		}
+		if err := s.carryFences(ctx, tx); err != nil {
+			return err
+		}
 		rows, err := tx.Query(ctx, shadowTablesSQL, s.name)
 		if err != nil {
 			return fmt.Errorf("list shadow tables: %w", err)
@@ -211,6 +214,35 @@ func (s *Shadow) Swap(ctx context.Context, catchUp func(ctx context.Context) err
 		return fmt.Errorf("swap %s: %w", s.name, err)
 	}
 	s.Close()
+	return nil
+}
+
+// carryFences gives the shadow's projector_partitions, which replaces the
+// live one, the live rows with every epoch raised: every fence taken on the
+// live table fails at its next commit, on the moved table (ErrFenced), and
+// its holder acquires again. A table that restarted at epoch 0 would let an
+// owner fenced before the swap match an epoch acquired after it. The live
+// table is locked first, so no acquire slips in between.
+func (s *Shadow) carryFences(ctx context.Context, tx pgx.Tx) error {
+	live := pgx.Identifier{LiveSchema, "projector_partitions"}.Sanitize()
+	shadow := pgx.Identifier{s.name, "projector_partitions"}.Sanitize()
+	var both bool
+	if err := tx.QueryRow(ctx, `SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL`, live, shadow).Scan(&both); err != nil {
+		return fmt.Errorf("carry fences: %w", err)
+	}
+	if !both {
+		return nil
+	}
+	if _, err := tx.Exec(ctx, `LOCK TABLE `+live+` IN ACCESS EXCLUSIVE MODE`); err != nil {
+		return fmt.Errorf("carry fences: %w", err)
+	}
+	_, err := tx.Exec(ctx, `INSERT INTO `+shadow+` AS p (layout, partition, epoch, owner, applied_seq, acquired_at)
+SELECT layout, partition, epoch + 1, 'rebuild', applied_seq, now() FROM `+live+`
+ON CONFLICT (layout, partition) DO UPDATE SET epoch = EXCLUDED.epoch, owner = EXCLUDED.owner,
+    applied_seq = greatest(p.applied_seq, EXCLUDED.applied_seq), acquired_at = EXCLUDED.acquired_at`)
+	if err != nil {
+		return fmt.Errorf("carry fences: %w", err)
+	}
 	return nil
 }
 

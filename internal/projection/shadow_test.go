@@ -28,7 +28,7 @@ func deployed(p, b string, at time.Time) []events.Event {
 
 func apply(t *testing.T, s *projection.Store, ms []projection.Message) projection.Result {
 	t.Helper()
-	res, err := s.Apply(context.Background(), ms)
+	res, err := s.Apply(context.Background(), nil, ms)
 	if err != nil {
 		t.Fatalf("Apply = %v", err)
 	}
@@ -96,7 +96,7 @@ func TestShadowSwap(t *testing.T) {
 		if free {
 			return errors.New("rebuild gate is free during the catch-up")
 		}
-		_, err := sh.Store().Apply(ctx, msgs(t, 5, late))
+		_, err := sh.Store().Apply(ctx, nil, msgs(t, 5, late))
 		return err
 	})
 	if err != nil {

@@ -28,7 +28,7 @@ func TestStuckCounts(t *testing.T) {
 		events.New(events.KindCompleted, "p-6", "canceled-in-queue", ago(90*time.Minute), canceled),    //
 		events.New(events.KindMetricsRecorded, "p-7", "metrics-only", ago(5*time.Hour), events.Data{}), // neither queued nor started
 	}
-	if _, err := s.Apply(ctx, msgs(t, 1, evs...)); err != nil {
+	if _, err := s.Apply(ctx, nil, msgs(t, 1, evs...)); err != nil {
 		t.Fatal(err)
 	}
 	got, err := s.StuckCounts(ctx, projection.DefaultStuckLimits, now)

@@ -130,31 +130,41 @@ const gateClass, gateID = 0x6273, 1
 // splitting the batch and kept as a dead letter (rejected_by_database); the
 // rest of the batch applies. Any other error leaves nothing written, and the
 // caller tries the batch again later.
-func (s *Store) Apply(ctx context.Context, msgs []Message) (Result, error) {
-	return s.applyIsolating(ctx, msgs, nil)
+//
+// With a fence (the live projector's: Acquire), every transaction first
+// proves that the fence still holds the partition and moves its checkpoint
+// (fenceSQL); if another instance acquired it since, the transaction rolls
+// back and Apply returns an error wrapping ErrFenced: nothing of the batch is
+// written. nil applies without a fence: the tests, a rebuild's replay and
+// its catch-up under the exclusive gate, `dead-letters retry`.
+func (s *Store) Apply(ctx context.Context, f *Fence, msgs []Message) (Result, error) {
+	if len(msgs) == 0 {
+		return Result{}, nil
+	}
+	return s.applyIsolating(ctx, f, msgs, nil)
 }
 
 // applyIsolating applies msgs (re-driven dead letters with their new retry
-// counts in retries, nil for live messages); when the database refuses
-// their content, it applies each half on its own, in sequence order (a
-// batch acts as if applied one by one in that order, so halves applied one
-// after the other give the same rows), down to the single messages it
-// refuses, which it keeps as dead letters.
-func (s *Store) applyIsolating(ctx context.Context, msgs []Message, retries map[uint64]int) (Result, error) {
-	res, err := s.apply(ctx, msgs, retries)
+// counts in retries, nil for live messages) under the fence f (may be nil);
+// when the database refuses their content, it applies each half on its own,
+// in sequence order (a batch acts as if applied one by one in that order, so
+// halves applied one after the other give the same rows), down to the single
+// messages it refuses, which it keeps as dead letters.
+func (s *Store) applyIsolating(ctx context.Context, f *Fence, msgs []Message, retries map[uint64]int) (Result, error) {
+	res, err := s.apply(ctx, f, msgs, retries)
 	if err == nil || !Refused(err) {
 		return res, err
 	}
 	if len(msgs) == 1 {
 		s.opts.Logger.Warn("message refused by the database; kept as a dead letter",
 			zap.Uint64("stream_seq", msgs[0].Seq), zap.Error(err))
-		return s.reject(ctx, msgs[0], err, retries)
+		return s.reject(ctx, f, msgs[0], err, retries)
 	}
 	sorted := slices.Clone(msgs)
 	slices.SortFunc(sorted, func(a, b Message) int { return cmp.Compare(a.Seq, b.Seq) })
 	var total Result
 	for _, half := range [][]Message{sorted[:len(sorted)/2], sorted[len(sorted)/2:]} {
-		r, err := s.applyIsolating(ctx, half, retries)
+		r, err := s.applyIsolating(ctx, f, half, retries)
 		if err != nil {
 			return Result{}, err
 		}
@@ -164,7 +174,7 @@ func (s *Store) applyIsolating(ctx context.Context, msgs []Message, retries map[
 }
 
 // reject keeps msg, which the database refused with err, as a dead letter.
-func (s *Store) reject(ctx context.Context, msg Message, cause error, retries map[uint64]int) (Result, error) {
+func (s *Store) reject(ctx context.Context, f *Fence, msg Message, cause error, retries map[uint64]int) (Result, error) {
 	var pgErr *pgconn.PgError
 	errors.As(cause, &pgErr)
 	detail := fmt.Sprintf("SQLSTATE %s: %s", pgErr.Code, pgErr.Message)
@@ -175,20 +185,29 @@ func (s *Store) reject(ctx context.Context, msg Message, cause error, retries ma
 		detail += ": " + pgErr.Detail
 	}
 	wb := &pgx.Batch{}
-	if s.opts.Gate {
-		wb.Queue(`SELECT pg_advisory_xact_lock_shared($1::int4, $2::int4)`, gateClass, gateID)
-	}
+	held := true
+	s.queueHead(wb, f, msg.Seq, &held)
 	wb.Queue(`DELETE FROM projector_dead_letters WHERE stream_seq = $1`, int64(msg.Seq))
 	queueDeadLetters(wb, []Refusal{{Msg: msg, Reason: events.ReasonRejectedByDatabase, Detail: detail}}, s.opts.Prefix, retries)
-	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error { return tx.SendBatch(ctx, wb).Close() })
+	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		err := tx.SendBatch(ctx, wb).Close()
+		if err == nil && !held {
+			return fenced(f)
+		}
+		return err
+	})
+	if errors.Is(err, ErrFenced) {
+		return Result{}, err
+	}
 	if err != nil {
 		return Result{}, fmt.Errorf("keep refused message %d: %w", msg.Seq, err)
 	}
 	return Result{DeadLettered: 1}, nil
 }
 
-func (s *Store) apply(ctx context.Context, msgs []Message, retries map[uint64]int) (Result, error) {
+func (s *Store) apply(ctx context.Context, f *Fence, msgs []Message, retries map[uint64]int) (Result, error) {
 	b := s.prepare(msgs, retries)
+	b.fence = f
 	raced := 0
 	for attempt := 1; ; {
 		res, drops, err := s.applyOnce(ctx, b)
@@ -256,6 +275,8 @@ func (s *Store) reportDropped(drops []droppedField) {
 type batch struct {
 	dec []fold.Decoded
 
+	fence *Fence // nil: applied without a fence
+
 	redrive []int64        // the batch's re-driven dead letters, taken out first (a retry)
 	retries map[uint64]int // re-driven dead letters and their new retry counts
 }
@@ -286,13 +307,29 @@ func (s *Store) applyOnce(ctx context.Context, b batch) (res Result, drops []dro
 		return Result{}, nil, fmt.Errorf("begin: %w", err)
 	}
 	defer tx.Rollback(ctx) //nolint:errcheck // after Commit this is a no-op
+	gated := false
+	if b.fence != nil {
+		// The fence first (after the rebuild gate, which a swap holds
+		// exclusive while it moves the tables), so that a stale owner fails
+		// before its other statements wait on anyone's locks.
+		head := &pgx.Batch{}
+		held := true
+		s.queueHead(head, b.fence, b.dec[len(b.dec)-1].Msg.Seq, &held)
+		if err := tx.SendBatch(ctx, head).Close(); err != nil {
+			return Result{}, nil, fmt.Errorf("fence: %w", err)
+		}
+		if !held {
+			return Result{}, nil, fenced(b.fence)
+		}
+		gated = true
+	}
 	if len(b.redrive) > 0 {
 		// A retry: the letters leave; those still refused are written again below.
 		if _, err := tx.Exec(ctx, `DELETE FROM projector_dead_letters WHERE stream_seq = ANY($1)`, b.redrive); err != nil {
 			return Result{}, nil, fmt.Errorf("take out dead letters: %w", err)
 		}
 	}
-	st, err := s.read(ctx, tx, b)
+	st, err := s.read(ctx, tx, b, s.opts.Gate && !gated)
 	if err != nil {
 		return Result{}, nil, err
 	}
@@ -323,6 +360,24 @@ func (s *Store) applyOnce(ctx context.Context, b batch) (res Result, drops []dro
 		return Result{}, nil, fmt.Errorf("commit: %w", err)
 	}
 	return res, drops, nil
+}
+
+// queueHead queues what a transaction of the store sends first: the rebuild
+// gate (shared) if the store takes it, then, with a fence, the bound on idle
+// time and the compare-and-set (held is set to whether it held). A fenced
+// transaction never waits on its client for long (its statements are
+// pipelined, its commit follows their results at once), so Postgres ends a
+// session idle in one for 5 s and its row locks go with it: an owner stopped
+// mid-transaction (SIGSTOP) does not keep the next owner's acquire waiting.
+func (s *Store) queueHead(b *pgx.Batch, f *Fence, seq uint64, held *bool) {
+	if s.opts.Gate {
+		b.Queue(`SELECT pg_advisory_xact_lock_shared($1::int4, $2::int4)`, gateClass, gateID)
+	}
+	if f == nil {
+		return
+	}
+	b.Queue(`SELECT set_config('idle_in_transaction_session_timeout', '5s', true)`)
+	queueFence(b, f, seq, held)
 }
 
 // foldBatch folds the batch's messages, in order, into a partition that
@@ -404,12 +459,12 @@ func (s *Store) write(ctx context.Context, tx pgx.Tx, ch fold.Changes, retries m
 // held (each statement reads what was committed when it starts), the
 // claims of the builds the batch names, the applied ids it carries, and the
 // stored facts of its projects (their role holders and the named builds).
-func (s *Store) read(ctx context.Context, tx pgx.Tx, b batch) (fold.Stored, error) {
+func (s *Store) read(ctx context.Context, tx pgx.Tx, b batch, gate bool) (fold.Stored, error) {
 	st := fold.Stored{Projects: map[string]map[string]*fsm.Build{}, Whole: map[string]bool{},
 		Claims: map[string]string{}, IDs: map[string][]byte{}}
 	projects, keys, builds, ids := namesOf(b.dec)
 	rb := &pgx.Batch{}
-	if s.opts.Gate {
+	if gate {
 		rb.Queue(`SELECT pg_advisory_xact_lock_shared($1::int4, $2::int4)`, gateClass, gateID)
 	}
 	if len(keys) > 0 {

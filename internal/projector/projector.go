@@ -5,10 +5,13 @@ package projector
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"net"
 	"net/http"
+	"os"
 	"sync"
 	"time"
 
@@ -144,13 +147,14 @@ func Run(ctx context.Context, cfg Config) error {
 	if _, err := natsjs.EnsureStream(ctx, js, cfg.Stream, cfg.Prefix, cfg.Replicas); err != nil {
 		return err
 	}
-	cons, err := natsjs.EnsureConsumer(ctx, js, cfg.Stream, cfg.Durable, cfg.Prefix)
+	cons, err := natsjs.EnsureConsumer(ctx, js, cfg.Stream, cfg.Durable, cfg.Prefix, log)
 	if err != nil {
 		return err
 	}
 	tel := NewTelemetry()
 	store := projection.New(pool, projection.Options{Prefix: cfg.Prefix, Gate: true, Logger: log, Observer: tel})
-	loop := natsjs.NewLoop(cons, Handler(store, tel, log), natsjs.LoopOptions{
+	owner := InstanceID()
+	loop := natsjs.NewLoop(cons, Handler(store, tel, log, owner), natsjs.LoopOptions{
 		BatchSize: cfg.BatchSize, Linger: cfg.Linger, Logger: log,
 	})
 
@@ -190,7 +194,7 @@ func Run(ctx context.Context, cfg Config) error {
 	wg.Add(1)
 	go func() { defer wg.Done(); watchStuck(bg, store, timeOuts, cfg.Stuck, cfg.StuckEvery, tel, log) }()
 
-	log.Info("projector consuming", zap.String("stream", cfg.Stream), zap.String("durable", cfg.Durable),
+	log.Info("projector consuming", zap.String("stream", cfg.Stream), zap.String("durable", cfg.Durable), zap.String("instance", owner),
 		zap.String("http", httpAddr), zap.Int("batch", cfg.BatchSize), zap.Bool("time_out_stuck", cfg.TimeOutStuck))
 	if cfg.Ready != nil {
 		cfg.Ready(httpAddr)
@@ -206,8 +210,20 @@ func Run(ctx context.Context, cfg Config) error {
 	return nil
 }
 
-// Handler adapts the projection store to the consume loop.
-func Handler(store *projection.Store, tel *Telemetry, log *zap.Logger) natsjs.Handler {
+// Handler adapts the projection store to the consume loop, as the writer of
+// the one partition (layout p1, docs/engine.md step 3). Every instance pulls
+// the durable's pinned priority group and the server delivers to one of them;
+// an instance that receives messages without holding the partition acquires
+// it (projection.Store.Acquire: the epoch goes up, every earlier holder is
+// fenced), so the pinned client becomes the writer. A batch fenced at commit
+// (another instance acquired since: projection.ErrFenced) wrote nothing: it
+// is given back unacked (natsjs.ErrGiveBack), the fence dropped, and the
+// instance goes on pulling; it acquires again when messages reach it.
+//
+// owner names the instance in projector_partitions and the logs. The handler
+// is called by one loop, one batch at a time: it owns its fence.
+func Handler(store *projection.Store, tel *Telemetry, log *zap.Logger, owner string) natsjs.Handler {
+	var fence *projection.Fence
 	return func(ctx context.Context, msgs []jetstream.Msg) error {
 		batch := make([]projection.Message, len(msgs))
 		for i, m := range msgs {
@@ -217,8 +233,28 @@ func Handler(store *projection.Store, tel *Telemetry, log *zap.Logger) natsjs.Ha
 			}
 			batch[i] = pm
 		}
+		if fence == nil {
+			f, err := store.Acquire(ctx, projection.LayoutP1, 0, owner)
+			if err != nil {
+				return err // transient: the loop retries the batch
+			}
+			fence = &f
+			tel.Acquired.Inc()
+			tel.Owned.Set(1)
+			log.Info("partition acquired", zap.String("layout", f.Layout), zap.Int("partition", f.Partition),
+				zap.Int64("epoch", f.Epoch), zap.Uint64("applied_seq", f.AppliedSeq), zap.String("owner", owner))
+		}
 		start := time.Now()
-		res, err := store.Apply(ctx, batch)
+		res, err := store.Apply(ctx, fence, batch)
+		if errors.Is(err, projection.ErrFenced) {
+			tel.Fenced.Inc()
+			tel.Owned.Set(0)
+			log.Warn("partition fenced: another instance acquired it; batch given back unacked",
+				zap.String("layout", fence.Layout), zap.Int("partition", fence.Partition),
+				zap.Int64("epoch", fence.Epoch), zap.Int("messages", len(msgs)), zap.String("owner", owner))
+			fence = nil
+			return fmt.Errorf("%w: %w", natsjs.ErrGiveBack, err)
+		}
 		if err != nil {
 			if errors.Is(err, projection.ErrRetriesExhausted) {
 				return fmt.Errorf("%w: %w", natsjs.ErrRedeliverLater, err)
@@ -234,6 +270,18 @@ func Handler(store *projection.Store, tel *Telemetry, log *zap.Logger) natsjs.Ha
 		}
 		return nil
 	}
+}
+
+// InstanceID names this instance: host, process id and a random suffix (a
+// restarted process with the same pid is another instance).
+func InstanceID() string {
+	host, err := os.Hostname()
+	if err != nil {
+		host = "unknown"
+	}
+	var b [4]byte
+	_, _ = rand.Read(b[:])
+	return fmt.Sprintf("%s/%d/%s", host, os.Getpid(), hex.EncodeToString(b[:]))
 }
 
 func watchLag(ctx context.Context, cons jetstream.Consumer, tel *Telemetry, log *zap.Logger) {

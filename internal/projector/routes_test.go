@@ -48,3 +48,32 @@ func TestReadyzHidesTheDatabase(t *testing.T) {
 		}
 	}
 }
+
+// The partition's metrics are on /metrics from the start, at zero, before
+// any acquire or fence.
+func TestPartitionMetricsStartAtZero(t *testing.T) {
+	url, _ := testenv.NATS(t)
+	nc, err := nats.Connect(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	pool, err := pgxpool.New(t.Context(), "postgres://u@127.0.0.1:1/db?connect_timeout=1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pool.Close()
+	srv := httptest.NewServer(routes(NewTelemetry(), func() bool { return true }, pool, nc, zap.NewNop(), nil))
+	defer srv.Close()
+	resp, err := http.Get(srv.URL + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	for _, line := range []string{"buildstate_fenced_total 0", "buildstate_partition_acquired_total 0", "buildstate_partition_owned 0"} {
+		if !strings.Contains(string(body), "\n"+line+"\n") {
+			t.Errorf("GET /metrics has no line %q", line)
+		}
+	}
+}

@@ -24,6 +24,9 @@ type Telemetry struct {
 	Batches      prometheus.Histogram
 	Stuck        *prometheus.GaugeVec
 	Dropped      *prometheus.CounterVec
+	Fenced       prometheus.Counter // batches refused at commit: another instance acquired the partition
+	Acquired     prometheus.Counter // acquires of the partition by this instance
+	Owned        prometheus.Gauge   // 1 while this instance holds the partition's current epoch (as far as it knows)
 
 	mu      sync.Mutex // guards the rate's sample
 	sampled time.Time
@@ -63,6 +66,16 @@ func NewTelemetry() *Telemetry {
 			Name: "buildstate_fields_dropped_total",
 			Help: "Optional measurements (data.<field>) left out of applied events because their values were out of range; the events applied without them.",
 		}, []string{"field"}),
+		Fenced: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "buildstate_fenced_total",
+			Help: "Batches refused at commit because another instance had acquired the partition since; nothing of them was written or acked.",
+		}),
+		Acquired: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "buildstate_partition_acquired_total", Help: "Times this instance acquired the partition (raised its epoch).",
+		}),
+		Owned: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "buildstate_partition_owned", Help: "1 while this instance holds the partition (from its acquire to a fenced commit), else 0.",
+		}),
 	}
 	for _, state := range []string{projection.StuckQueued, projection.StuckBuilding} {
 		t.Stuck.WithLabelValues(state).Set(0) // present from the start
@@ -73,7 +86,7 @@ func NewTelemetry() *Telemetry {
 	for _, l := range projection.ExpectedRetries {
 		t.Retries.WithLabelValues(l[0], l[1])
 	}
-	t.Registry.MustRegister(t.Applied, t.DeadLettered, t.Duplicates, t.Lag, t.Retries, t.Batches, t.Stuck, t.Dropped,
+	t.Registry.MustRegister(t.Applied, t.DeadLettered, t.Duplicates, t.Lag, t.Retries, t.Batches, t.Stuck, t.Dropped, t.Fenced, t.Acquired, t.Owned,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return t
 }

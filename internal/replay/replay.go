@@ -77,7 +77,7 @@ func Into(ctx context.Context, log Log, sh *projection.Shadow, from, to uint64, 
 			}
 			nextAnalyze = 2 * st.Messages
 		}
-		res, err := store.Apply(ctx, msgs)
+		res, err := store.Apply(ctx, nil, msgs)
 		if err != nil {
 			return fmt.Errorf("apply sequences %d-%d: %w", msgs[0].Seq, msgs[len(msgs)-1].Seq, err)
 		}

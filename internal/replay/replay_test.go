@@ -38,7 +38,7 @@ func TestFoldMatchesStore(t *testing.T) {
 	var dead int
 	for i := 0; i < len(msgs); {
 		j := min(len(msgs), i+1+rng.IntN(200))
-		res, err := store.Apply(ctx, msgs[i:j])
+		res, err := store.Apply(ctx, nil, msgs[i:j])
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -67,7 +67,7 @@ func TestRebuildSwapsInTheLogsModel(t *testing.T) {
 		for _, m := range msgs {
 			_, _ = fold.Add(m.Seq, m.Subject, m.Data, m.StoredAt)
 		}
-		_, err := live.Apply(ctx, msgs)
+		_, err := live.Apply(ctx, nil, msgs)
 		return err
 	})
 	if err != nil {
@@ -95,7 +95,7 @@ func TestRebuildSwapsInTheLogsModel(t *testing.T) {
 	// Every event is known to the swapped-in tables: a redelivery of the
 	// whole log changes nothing.
 	err = log.Read(ctx, replay.Span{To: last}, func(msgs []projection.Message) error {
-		r, err := live.Apply(ctx, msgs)
+		r, err := live.Apply(ctx, nil, msgs)
 		if r.Applied != 0 {
 			t.Errorf("re-apply after rebuild applied %d events; want 0", r.Applied)
 		}

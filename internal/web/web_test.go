@@ -38,7 +38,7 @@ func newStore(t *testing.T, evs ...events.Event) *projection.Store {
 		}
 		msgs[i] = projection.Message{Seq: uint64(i + 1), Subject: events.Subject("builds", ev.ProjectID, ev.Kind()), Data: body, StoredAt: time.Now()}
 	}
-	if _, err := s.Apply(ctx, msgs); err != nil {
+	if _, err := s.Apply(ctx, nil, msgs); err != nil {
 		t.Fatal(err)
 	}
 	return s
