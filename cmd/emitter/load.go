@@ -93,12 +93,7 @@ func runLoad(ctx context.Context, args []string, getenv func(string) string, std
 		failed              []*nats.Msg
 		firstErr            error
 	)
-	nc, err := nf.connect("buildstate emitter load", nil)
-	if err != nil {
-		return err
-	}
-	defer nc.Close()
-	js, err := jetstream.New(nc,
+	nc, js, err := nf.connect("buildstate emitter load", nil,
 		jetstream.WithPublishAsyncMaxPending(*maxPending),
 		jetstream.WithPublishAsyncTimeout(30*time.Second),
 		jetstream.WithPublishAsyncAckHandler(func(_ jetstream.JetStream, _ *nats.Msg, ack *jetstream.PubAck) {
@@ -117,8 +112,9 @@ func runLoad(ctx context.Context, args []string, getenv func(string) string, std
 		}),
 	)
 	if err != nil {
-		return fmt.Errorf("jetstream: %w", err)
+		return err
 	}
+	defer nc.Close()
 	if err := ensureStream(ctx, js, *stream, nf.prefix); err != nil {
 		return err
 	}

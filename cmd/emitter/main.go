@@ -19,6 +19,7 @@ import (
 	"syscall"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 
@@ -118,9 +119,10 @@ func addNATSFlags(fs *flag.FlagSet, getenv func(string) string) *natsFlags {
 	return f
 }
 
-// connect connects as the flags say (natsjs.Connect), logging reconnects to log.
-func (f *natsFlags) connect(name string, log *zap.Logger) (*nats.Conn, error) {
-	return natsjs.Connect(f.client, name, log)
+// connect connects as the flags say (natsjs.ConnectJetStream), logging
+// reconnects to log.
+func (f *natsFlags) connect(name string, log *zap.Logger, opts ...jetstream.JetStreamOpt) (*nats.Conn, jetstream.JetStream, error) {
+	return natsjs.ConnectJetStream(f.client, name, log, opts...)
 }
 
 // newFlagSet makes a command's flag set, writing usage and errors to stderr.

@@ -10,8 +10,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/nats-io/nats.go/jetstream"
-
 	"github.com/buildstate/buildstate/emitter"
 	"github.com/buildstate/buildstate/internal/events"
 )
@@ -37,15 +35,11 @@ func runPublish(ctx context.Context, args []string, getenv func(string) string, 
 		return err
 	}
 
-	nc, err := nf.connect("buildstate emitter publish", nil)
+	nc, js, err := nf.connect("buildstate emitter publish", nil)
 	if err != nil {
 		return err
 	}
 	defer nc.Close()
-	js, err := jetstream.New(nc)
-	if err != nil {
-		return fmt.Errorf("jetstream: %w", err)
-	}
 	pub := emitter.New(js, emitter.Options{Prefix: nf.prefix, Timeout: *timeout})
 	seq, err := pub.Publish(ctx, ev)
 	if errors.Is(err, emitter.ErrNoStream) {

@@ -10,7 +10,6 @@ import (
 	"os"
 	"time"
 
-	"github.com/nats-io/nats.go/jetstream"
 	"go.uber.org/zap"
 
 	"github.com/buildstate/buildstate/emitter"
@@ -65,15 +64,11 @@ func runServe(ctx context.Context, args []string, getenv func(string) string, st
 		log.Info("requests must be signed", zap.Int("secrets", len(secrets)))
 	}
 
-	nc, err := nf.connect("buildstate emitter serve", log)
+	nc, js, err := nf.connect("buildstate emitter serve", log)
 	if err != nil {
 		return err
 	}
 	defer nc.Close()
-	js, err := jetstream.New(nc)
-	if err != nil {
-		return fmt.Errorf("jetstream: %w", err)
-	}
 	// The projector creates the stream; until it does, publishes answer 503.
 	subject := events.Subject(nf.prefix, "x", events.KindQueued)
 	if name, err := js.StreamNameBySubject(ctx, subject); err != nil {

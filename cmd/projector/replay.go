@@ -13,7 +13,6 @@ import (
 
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
 	"go.uber.org/zap"
 
 	"github.com/buildstate/buildstate/internal/fsm"
@@ -188,14 +187,9 @@ func openReplay(ctx context.Context, c *common, log *zap.Logger) (*pgxpool.Pool,
 }
 
 func openLog(c *common, log *zap.Logger) (replay.Log, *nats.Conn, error) {
-	nc, err := natsjs.Connect(c.cfg.NATS, "buildstate-projector-replay", log)
+	nc, js, err := natsjs.ConnectJetStream(c.cfg.NATS, "buildstate-projector-replay", log)
 	if err != nil {
 		return replay.Log{}, nil, err
-	}
-	js, err := jetstream.New(nc)
-	if err != nil {
-		nc.Close()
-		return replay.Log{}, nil, fmt.Errorf("jetstream: %w", err)
 	}
 	return replay.Log{JS: js, Stream: c.cfg.Stream, Prefix: c.cfg.Prefix}, nc, nil
 }

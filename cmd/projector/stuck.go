@@ -9,8 +9,6 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/nats-io/nats.go/jetstream"
-
 	"github.com/buildstate/buildstate/emitter"
 	"github.com/buildstate/buildstate/internal/natsjs"
 	"github.com/buildstate/buildstate/internal/projection"
@@ -57,15 +55,11 @@ func runStuck(ctx context.Context, args []string, getenv func(string) string, st
 		if err != nil {
 			return err
 		}
-		nc, err := natsjs.Connect(c.cfg.NATS, "buildstate-projector-stuck", log)
+		nc, js, err := natsjs.ConnectJetStream(c.cfg.NATS, "buildstate-projector-stuck", log)
 		if err != nil {
 			return err
 		}
 		defer nc.Close()
-		js, err := jetstream.New(nc)
-		if err != nil {
-			return fmt.Errorf("jetstream: %w", err)
-		}
 		done, err := projector.PublishTimeOuts(ctx, emitter.New(js, emitter.Options{Prefix: c.cfg.Prefix, Logger: log}), l, stuck)
 		published = map[string]projector.TimedOut{}
 		for _, d := range done {

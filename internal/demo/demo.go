@@ -70,15 +70,11 @@ func Run(ctx context.Context, o Options) error {
 	defer func() { srv.Shutdown(); srv.WaitForShutdown() }()
 	logf("embedded NATS JetStream at %s", srv.ClientURL())
 
-	nc, err := natsjs.Connect(natsjs.Client{URL: srv.ClientURL()}, "buildstate-demo", o.Log)
+	nc, js, err := natsjs.ConnectJetStream(natsjs.Client{URL: srv.ClientURL()}, "buildstate-demo", o.Log)
 	if err != nil {
 		return err
 	}
 	defer nc.Close()
-	js, err := jetstream.New(nc)
-	if err != nil {
-		return err
-	}
 	stream, err := natsjs.EnsureStream(ctx, js, "BUILDS", "builds", 1)
 	if err != nil {
 		return err

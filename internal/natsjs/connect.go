@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 	"go.uber.org/zap"
 
 	"github.com/buildstate/buildstate/internal/redact"
@@ -143,4 +144,20 @@ func Connect(c Client, name string, log *zap.Logger) (*nats.Conn, error) {
 		return nil, fmt.Errorf("nats: %w", err)
 	}
 	return nc, nil
+}
+
+// ConnectJetStream is Connect and the JetStream context on the connection
+// (with opts): what every command that publishes or consumes needs. Close
+// the connection when done.
+func ConnectJetStream(c Client, name string, log *zap.Logger, opts ...jetstream.JetStreamOpt) (*nats.Conn, jetstream.JetStream, error) {
+	nc, err := Connect(c, name, log)
+	if err != nil {
+		return nil, nil, err
+	}
+	js, err := jetstream.New(nc, opts...)
+	if err != nil {
+		nc.Close()
+		return nil, nil, fmt.Errorf("jetstream: %w", err)
+	}
+	return nc, js, nil
 }

@@ -135,15 +135,11 @@ func Run(ctx context.Context, cfg Config) error {
 	if err := MigratePool(ctx, pool); err != nil {
 		return err
 	}
-	nc, err := natsjs.Connect(cfg.NATS, "buildstate-projector", log)
+	nc, js, err := natsjs.ConnectJetStream(cfg.NATS, "buildstate-projector", log)
 	if err != nil {
 		return err
 	}
 	defer nc.Close()
-	js, err := jetstream.New(nc)
-	if err != nil {
-		return fmt.Errorf("jetstream: %w", err)
-	}
 	if _, err := natsjs.EnsureStream(ctx, js, cfg.Stream, cfg.Prefix, cfg.Replicas); err != nil {
 		return err
 	}
