@@ -259,7 +259,7 @@ func (p *Partition) Load(s Stored) {
 	for id, builds := range s.Projects {
 		pr := p.project(id)
 		l := pr.load()
-		l.whole = s.Whole[id]
+		l.whole = l.whole || s.Whole[id] // a project primed whole stays whole
 		for _, b := range builds {
 			if _, ok := p.builds[b.ID]; ok {
 				continue

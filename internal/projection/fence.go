@@ -10,6 +10,8 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"go.uber.org/zap"
+
+	"github.com/buildstate/buildstate/internal/fold"
 )
 
 // ErrFenced is a batch written under a fence whose epoch is no longer its
@@ -25,6 +27,20 @@ type Fence struct {
 	Partition  int
 	Epoch      int64
 	AppliedSeq uint64 // the partition's checkpoint when it was acquired
+
+	// mem is the single writer's state of the partition (fold.Memory),
+	// filled by Acquire with the projects the store holds and by every
+	// batch committed under the fence; nil applies as an unfenced store does
+	// (reading everything a batch names).
+	mem *fold.Memory
+}
+
+// Remembered is the number of projects the fence's memory holds.
+func (f *Fence) Remembered() int {
+	if f == nil || f.mem == nil {
+		return 0
+	}
+	return f.mem.Len()
 }
 
 // LayoutP1 is the layout of one partition, the whole stream (step 3 of
@@ -60,22 +76,44 @@ RETURNING epoch`
 // logged, until ctx ends.
 const acquireLockTimeout = "2s"
 
+// storedProjectsSQL lists the projects the store holds rows for: every
+// project with a counted event has a row of projector_roles (its first one
+// names the newest build).
+const storedProjectsSQL = `SELECT project_id FROM projector_roles`
+
 // Acquire takes layout's partition for owner (an instance id, for logs and
 // status) in its own transaction: the epoch is raised, which fences every
 // earlier holder at its next commit. It retries while the row is locked
 // (lock_timeout 2 s each time) until ctx ends.
+//
+// The fence starts an empty memory of the partition (fold.Memory, bounded
+// by Options.Memory) that knows which projects the store holds, read in the
+// same transaction once the epoch is raised: no earlier holder can commit
+// after that, so what the memory learns from then on is only this fence's
+// own commits.
 func (s *Store) Acquire(ctx context.Context, layout string, partition int, owner string) (Fence, error) {
 	f := Fence{Layout: layout, Partition: partition}
 	for attempt := 1; ; attempt++ {
 		var applied int64
+		mem := fold.NewMemory(s.opts.Memory)
 		err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
 			if _, err := tx.Exec(ctx, `SELECT set_config('lock_timeout', $1, true)`, acquireLockTimeout); err != nil {
 				return err
 			}
-			return tx.QueryRow(ctx, acquireSQL, layout, partition, owner).Scan(&f.Epoch, &applied)
+			if err := tx.QueryRow(ctx, acquireSQL, layout, partition, owner).Scan(&f.Epoch, &applied); err != nil {
+				return err
+			}
+			rows, _ := tx.Query(ctx, storedProjectsSQL)
+			var project string
+			_, err := pgx.ForEachRow(rows, []any{&project}, func() error {
+				mem.InStore(project)
+				return nil
+			})
+			return err
 		})
 		if err == nil {
 			f.AppliedSeq = uint64(applied)
+			f.mem = mem
 			return f, nil
 		}
 		var pgErr *pgconn.PgError

@@ -2,6 +2,7 @@ package projection_test
 
 import (
 	"context"
+	"fmt"
 	"testing"
 	"time"
 
@@ -121,8 +122,19 @@ func deref(s *string) string {
 
 // A late queued event can move a build back in time: the store must then
 // derive from the project's whole history, not only the builds it tracks.
+// Under a fence, the partition's memory holds the project as a batch loaded
+// it (its role holders) and must know that this is not its whole history.
 func TestLateQueuedDemotesNewestBuild(t *testing.T) {
 	t.Parallel()
+	for _, fenced := range []bool{false, true} {
+		t.Run(fmt.Sprintf("fenced=%v", fenced), func(t *testing.T) {
+			t.Parallel()
+			testLateQueuedDemotesNewestBuild(t, fenced)
+		})
+	}
+}
+
+func testLateQueuedDemotesNewestBuild(t *testing.T, fenced bool) {
 	ctx := context.Background()
 	s := newStore(t, projection.Options{Gate: true})
 	t0 := time.Now().Add(-time.Hour).UTC().Truncate(time.Second)
@@ -148,9 +160,23 @@ func TestLateQueuedDemotesNewestBuild(t *testing.T) {
 	if row.BuildStatus != "building" {
 		t.Fatalf("before the late queued event: build_status = %q; want building (b-new)", row.BuildStatus)
 	}
+	var fence *projection.Fence
+	if fenced {
+		// A new owner: its memory starts with p-9 in the store; a repeat of
+		// b-new's start makes a batch load p-9's role holders (b-new, b-old)
+		// into memory, without b-mid.
+		f, err := s.Acquire(ctx, projection.LayoutP1, 0, "test")
+		if err != nil {
+			t.Fatal(err)
+		}
+		fence = &f
+		if res, err := s.Apply(ctx, fence, msgs(t, 9, steps[5])); err != nil || res.Duplicates != 1 {
+			t.Fatalf("repeat under the fence = %+v, %v; want 1 duplicate", res, err)
+		}
+	}
 	// ... until its queued event, at 5 s, arrives: now b-mid (15 s) is the newest.
 	late := events.New(events.KindQueued, "p-9", "b-new", t0.Add(5*time.Second), events.Data{})
-	if _, err := s.Apply(ctx, nil, msgs(t, 10, late)); err != nil {
+	if _, err := s.Apply(ctx, fence, msgs(t, 10, late)); err != nil {
 		t.Fatal(err)
 	}
 	row, err = s.Project(ctx, "p-9")

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/buildstate/buildstate/internal/events"
+	"github.com/buildstate/buildstate/internal/fold"
 	"github.com/buildstate/buildstate/internal/projection"
 )
 
@@ -82,8 +83,15 @@ func cloneCounts(m map[string]int) map[string]int {
 // constraint violation.
 func newCountedStore(t *testing.T) (*projection.Store, *countingObserver) {
 	t.Helper()
+	return newCountedStoreWith(t, projection.Options{Gate: true})
+}
+
+// newCountedStoreWith is newCountedStore with opts (its Observer replaced).
+func newCountedStoreWith(t *testing.T, opts projection.Options) (*projection.Store, *countingObserver) {
+	t.Helper()
 	obs := &countingObserver{}
-	s := newStore(t, projection.Options{Gate: true, Observer: obs})
+	opts.Observer = obs
+	s := newStore(t, opts)
 	t.Cleanup(func() { assertNoConstraintErrors(t, obs) })
 	return s, obs
 }
@@ -703,9 +711,28 @@ func checkAgainstModel(t *testing.T, s *projection.Store, evs []events.Event) {
 // applyAll applies the messages in the given batches and sums the results.
 func applyAll(t *testing.T, s *projection.Store, ms []projection.Message, cuts [][2]int) projection.Result {
 	t.Helper()
+	return applyFenced(t, s, ms, cuts, 0)
+}
+
+// applyFenced is applyAll as the partition's owner: with reacquire > 0 it
+// acquires the partition and applies every batch under its fence (with the
+// fence's memory), acquiring it again every reacquire batches (a fresh
+// memory, which knows only which projects the store holds); 0 applies
+// without a fence. Result.Redone sums the batches folded again.
+func applyFenced(t *testing.T, s *projection.Store, ms []projection.Message, cuts [][2]int, reacquire int) projection.Result {
+	t.Helper()
+	ctx := context.Background()
 	var sum projection.Result
-	for _, c := range cuts {
-		res, err := s.Apply(context.Background(), nil, ms[c[0]:c[1]])
+	var fence *projection.Fence
+	for i, c := range cuts {
+		if reacquire > 0 && i%reacquire == 0 {
+			f, err := s.Acquire(ctx, projection.LayoutP1, 0, "test")
+			if err != nil {
+				t.Fatal(err)
+			}
+			fence = &f
+		}
+		res, err := s.Apply(ctx, fence, ms[c[0]:c[1]])
 		if err != nil {
 			t.Fatalf("Apply(messages %d..%d) = %v", c[0], c[1], err)
 		}
@@ -713,9 +740,15 @@ func applyAll(t *testing.T, s *projection.Store, ms []projection.Message, cuts [
 		sum.Duplicates += res.Duplicates
 		sum.DeadLettered += res.DeadLettered
 		sum.Dropped += res.Dropped
+		sum.Redone += res.Redone
 	}
 	return sum
 }
+
+// smallMemory bounds a fence's memory well below the property test's
+// histories, so that its batches meet every case: projects dropped and read
+// again, builds claimed and ids applied that the memory does not know.
+var smallMemory = fold.Limits{Projects: 20, IDs: 100}
 
 // --- the tests -------------------------------------------------------------
 
@@ -752,7 +785,10 @@ func TestModelByHand(t *testing.T) {
 // TestAnyOrderAnyDuplicates is the property: for several seeds, a history of
 // 200 projects is applied in two random orders, each with random duplicates
 // and random batch sizes, to two fresh stores; both equal the model and each
-// other, and the counts add up.
+// other, and the counts add up. The first store applies without a fence (as
+// dead-letter retries and the tests do), the second as the partition's owner
+// with a small memory (projection.Fence, fold.Memory), acquired again every 7
+// batches.
 func TestAnyOrderAnyDuplicates(t *testing.T) {
 	t.Parallel()
 	for seed := uint64(1); seed <= 5; seed++ {
@@ -766,16 +802,20 @@ func TestAnyOrderAnyDuplicates(t *testing.T) {
 			}
 			var stores [2]*projection.Store
 			var observers [2]*countingObserver
+			reacquire := [2]int{0, 7}
 			for i := range stores {
-				s, obs := newCountedStore(t)
+				s, obs := newCountedStoreWith(t, projection.Options{Gate: true, Memory: smallMemory})
 				stores[i], observers[i] = s, obs
 				delivered, dups := g.delivery(distinct, 0.1+0.3*g.rng.Float64())
 				ms := g.respell(msgs(t, 1, delivered...))
 				cuts := g.batches(len(ms), 500)
 				start := time.Now()
-				res := applyAll(t, s, ms, cuts)
-				t.Logf("store %d: %d messages (%d distinct, %d duplicates, %v measurements out of range) in %d batches: %v",
-					i, len(ms), len(distinct), dups, drops, len(cuts), time.Since(start).Round(time.Millisecond))
+				res := applyFenced(t, s, ms, cuts, reacquire[i])
+				t.Logf("store %d: %d messages (%d distinct, %d duplicates, %v measurements out of range) in %d batches (%d folded again): %v",
+					i, len(ms), len(distinct), dups, drops, len(cuts), res.Redone, time.Since(start).Round(time.Millisecond))
+				if reacquire[i] > 0 && res.Redone == 0 {
+					t.Errorf("store %d: no batch was folded again; the fenced store's memory (%+v) should have missed claims or ids", i, smallMemory)
+				}
 				if res.Applied != len(distinct) || res.Duplicates != dups || res.DeadLettered != 0 ||
 					res.Dropped != drops["attempt"]+drops["duration_ms"] {
 					t.Errorf("store %d: Apply totals = %+v; want %d applied, %d duplicates, 0 dead-lettered, %d dropped",
@@ -791,11 +831,19 @@ func TestAnyOrderAnyDuplicates(t *testing.T) {
 			if d := diffRows(p1, p0, m1, m0); len(d) > 0 {
 				t.Errorf("two orders of the same events give different rows (got: 2nd order, want: 1st):\n  %s", strings.Join(d, "\n  "))
 			}
-			// Applying everything once more, spelled anew, changes nothing.
+			// Applying everything once more, spelled anew, changes nothing,
+			// without a fence or with one.
 			ms := g.respell(msgs(t, 1_000_000, distinct...))
 			res := applyAll(t, stores[0], ms, g.batches(len(ms), 500))
 			if res.Applied != 0 || res.Duplicates != len(distinct) || res.Dropped != 0 {
 				t.Errorf("re-apply totals = %+v; want 0 applied, %d duplicates, 0 dropped", res, len(distinct))
+			}
+			res = applyFenced(t, stores[1], ms, g.batches(len(ms), 500), 7)
+			if res.Applied != 0 || res.Duplicates != len(distinct) || res.Dropped != 0 {
+				t.Errorf("fenced re-apply totals = %+v; want 0 applied, %d duplicates, 0 dropped", res, len(distinct))
+			}
+			if p, m := readModel(t, stores[1]); len(diffRows(p, p0, m, m0)) > 0 {
+				t.Errorf("re-applying the same events under a fence changed the rows:\n  %s", strings.Join(diffRows(p, p0, m, m0), "\n  "))
 			}
 			if got := observers[0].droppedFields(); !maps.Equal(got, drops) {
 				t.Errorf("fields dropped after the re-apply = %v; want still %v", got, drops)

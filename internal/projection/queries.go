@@ -3,6 +3,7 @@ package projection
 import (
 	"cmp"
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
@@ -142,6 +143,9 @@ func (s *Store) DeadLetters(ctx context.Context, f DeadLetterFilter) ([]DeadLett
 // retryChunk is how many dead letters Retry re-drives in one transaction.
 const retryChunk = 500
 
+// retryAcquires bounds how often one Retry acquires the partition.
+const retryAcquires = 20
+
 // Retry re-drives the dead letters f selects (f.After and f.Limit aside),
 // retryChunk at a time in stream order: each is applied again as the
 // message it was (same sequence, subject bytes, payload and stored time),
@@ -149,9 +153,16 @@ const retryChunk = 500
 // or turns out to be a duplicate, leaves the dead-letter table; one still
 // refused stays with its new reason and a raised retry count. Running it
 // twice changes nothing more.
+//
+// Retry writes as the partition's owner: it acquires the partition (the
+// live projector's next batch is fenced, and it acquires again, with a fresh
+// memory), and when the live projector takes it back between two chunks it
+// acquires again, up to retryAcquires times.
 func (s *Store) Retry(ctx context.Context, f DeadLetterFilter) (Result, error) {
 	var total Result
 	f.After, f.Limit = 0, retryChunk
+	var fence *Fence
+	acquires := 0
 	for {
 		dls, err := s.DeadLetters(ctx, f)
 		if err != nil {
@@ -180,11 +191,28 @@ func (s *Store) Retry(ctx context.Context, f DeadLetterFilter) (Result, error) {
 				msgs = append(msgs, Message{Seq: d.StreamSeq, Subject: d.RawSubject(), Data: d.Payload, StoredAt: d.StoredAt})
 				retries[d.StreamSeq] = d.Retries + 1
 			}
-			res, err := under.applyIsolating(ctx, nil, msgs, retries)
-			if err != nil {
-				return total, fmt.Errorf("retry dead letters: %w", err)
+			for {
+				if fence == nil {
+					if acquires++; acquires > retryAcquires {
+						return total, fmt.Errorf("retry dead letters: the live projector took the partition back %d times; run it again", retryAcquires)
+					}
+					fc, err := s.Acquire(ctx, LayoutP1, 0, "dead-letters retry")
+					if err != nil {
+						return total, fmt.Errorf("retry dead letters: %w", err)
+					}
+					fence = &fc
+				}
+				res, err := under.applyIsolating(ctx, fence, msgs, retries)
+				if errors.Is(err, ErrFenced) {
+					fence = nil
+					continue
+				}
+				if err != nil {
+					return total, fmt.Errorf("retry dead letters: %w", err)
+				}
+				total.add(res)
+				break
 			}
-			total.add(res)
 		}
 	}
 }

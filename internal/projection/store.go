@@ -52,6 +52,7 @@ type Result struct {
 	Duplicates   int // events whose id was already applied (same content)
 	DeadLettered int // messages kept as dead letters
 	Dropped      int // optional measurements left out of applied events (events.Decode)
+	Redone       int // times a fenced batch was folded again: its memory took a claimed build or an applied id for new
 }
 
 func (r *Result) add(o Result) {
@@ -59,6 +60,7 @@ func (r *Result) add(o Result) {
 	r.Duplicates += o.Duplicates
 	r.DeadLettered += o.DeadLettered
 	r.Dropped += o.Dropped
+	r.Redone += o.Redone
 }
 
 // droppedField is an optional measurement left out of an applied event.
@@ -83,6 +85,7 @@ type Options struct {
 	Retries  int         // write attempts for retryable SQLSTATEs, default 5
 	Logger   *zap.Logger // default no-op
 	Observer Observer    // may be nil
+	Memory   fold.Limits // bounds of a fence's memory (Acquire); zero: fold.DefaultLimits
 }
 
 // Store applies messages to the read model reached through its pool (whose
@@ -213,11 +216,14 @@ func (s *Store) apply(ctx context.Context, f *Fence, msgs []Message, retries map
 		res, drops, err := s.applyOnce(ctx, b)
 		if err == nil {
 			s.reportDropped(drops)
+			res.Redone = raced
 			return res, nil
 		}
 		if errors.Is(err, errRaced) {
 			// Not a failure: the batch is folded again on what the other
-			// projector committed.
+			// projector committed, or (under a fence) on everything the
+			// store holds of what the batch names, which its memory did not.
+			b.full = true
 			if raced++; raced >= maxRaced {
 				return Result{}, fmt.Errorf("%w after %d attempts: %w", ErrRetriesExhausted, raced, err)
 			}
@@ -276,6 +282,7 @@ type batch struct {
 	dec []fold.Decoded
 
 	fence *Fence // nil: applied without a fence
+	full  bool   // read everything the batch names, whatever the fence's memory holds
 
 	redrive []int64        // the batch's re-driven dead letters, taken out first (a retry)
 	retries map[uint64]int // re-driven dead letters and their new retry counts
@@ -329,11 +336,35 @@ func (s *Store) applyOnce(ctx context.Context, b batch) (res Result, drops []dro
 			return Result{}, nil, fmt.Errorf("take out dead letters: %w", err)
 		}
 	}
-	st, err := s.read(ctx, tx, b, s.opts.Gate && !gated)
+	// Under a fence the partition's memory holds what the batch needs but for
+	// the projects it does not hold (misses), read with plain SELECTs: the
+	// fence is the only writer. Without one, everything the batch names is
+	// read under the advisory locks.
+	var mem *fold.Memory
+	if b.fence != nil {
+		mem = b.fence.mem
+	}
+	fresh := func() (*fold.Partition, []int) {
+		p := fold.NewPartition()
+		if mem == nil {
+			return p, nil
+		}
+		return p, mem.Prime(p, b.dec)
+	}
+	p, misses := fresh()
+	names := b.dec
+	if mem != nil && !b.full {
+		names = make([]fold.Decoded, len(misses))
+		for i, j := range misses {
+			names[i] = b.dec[j]
+		}
+	}
+	st, err := s.read(ctx, tx, names, s.opts.Gate && !gated, mem == nil)
 	if err != nil {
 		return Result{}, nil, err
 	}
-	p, res, drops := foldBatch(b, st)
+	p.Load(st)
+	res, drops = foldInto(p, b)
 	if whole := p.Incomplete(); len(whole) > 0 {
 		// A role holder was demoted: those projects are folded again on
 		// their whole history.
@@ -346,7 +377,9 @@ func (s *Store) applyOnce(ctx context.Context, b batch) (res Result, drops []dro
 			st.Projects[id] = full[id]
 			st.Whole[id] = true
 		}
-		p, res, drops = foldBatch(b, st)
+		p, _ = fresh()
+		p.Load(st)
+		res, drops = foldInto(p, b)
 	}
 	ch, err := p.Changes(ctx)
 	if err != nil {
@@ -359,7 +392,23 @@ func (s *Store) applyOnce(ctx context.Context, b batch) (res Result, drops []dro
 	if err := tx.Commit(ctx); err != nil {
 		return Result{}, nil, fmt.Errorf("commit: %w", err)
 	}
+	if mem != nil {
+		mem.Keep(p, projectsOf(b.dec))
+	}
 	return res, drops, nil
+}
+
+// projectsOf lists the projects of the valid events of dec, without repeats.
+func projectsOf(dec []fold.Decoded) []string {
+	var out []string
+	seen := map[string]bool{}
+	for i := range dec {
+		if ev, err := dec[i].Event(); err == nil && !seen[ev.ProjectID] {
+			seen[ev.ProjectID] = true
+			out = append(out, ev.ProjectID)
+		}
+	}
+	return out
 }
 
 // queueHead queues what a transaction of the store sends first: the rebuild
@@ -380,11 +429,9 @@ func (s *Store) queueHead(b *pgx.Batch, f *Fence, seq uint64, held *bool) {
 	queueFence(b, f, seq, held)
 }
 
-// foldBatch folds the batch's messages, in order, into a partition that
-// knows st.
-func foldBatch(b batch, st fold.Stored) (*fold.Partition, Result, []droppedField) {
-	p := fold.NewPartition()
-	p.Load(st)
+// foldInto folds the batch's messages, in order, into p (loaded with what
+// the store and the fence's memory hold of them).
+func foldInto(p *fold.Partition, b batch) (Result, []droppedField) {
 	var res Result
 	var drops []droppedField
 	for i := range b.dec {
@@ -401,7 +448,7 @@ func foldBatch(b batch, st fold.Stored) (*fold.Partition, Result, []droppedField
 		}
 	}
 	res.Dropped = len(drops)
-	return p, res, drops
+	return res, drops
 }
 
 // write sends what the fold changed, in one round trip: the new claims and
@@ -454,20 +501,21 @@ func (s *Store) write(ctx context.Context, tx pgx.Tx, ch fold.Changes, retries m
 }
 
 // read sends, in one round trip and in this order: the rebuild gate
-// (shared) and one advisory lock per bucket of projects, in order so that
-// concurrent projectors cannot deadlock on them; then, once the locks are
-// held (each statement reads what was committed when it starts), the
-// claims of the builds the batch names, the applied ids it carries, and the
-// stored facts of its projects (their role holders and the named builds).
-func (s *Store) read(ctx context.Context, tx pgx.Tx, b batch, gate bool) (fold.Stored, error) {
+// (shared, if gate) and, if locks, one advisory lock per bucket of
+// projects, in order so that concurrent projectors cannot deadlock on them;
+// then, once the locks are held (each statement reads what was committed
+// when it starts), the claims of the builds the messages of dec name, the
+// applied ids they carry, and the stored facts of their projects (their role
+// holders and the named builds). With nothing to send it sends nothing.
+func (s *Store) read(ctx context.Context, tx pgx.Tx, dec []fold.Decoded, gate, locks bool) (fold.Stored, error) {
 	st := fold.Stored{Projects: map[string]map[string]*fsm.Build{}, Whole: map[string]bool{},
 		Claims: map[string]string{}, IDs: map[string][]byte{}}
-	projects, keys, builds, ids := namesOf(b.dec)
+	projects, keys, builds, ids := namesOf(dec)
 	rb := &pgx.Batch{}
 	if gate {
 		rb.Queue(`SELECT pg_advisory_xact_lock_shared($1::int4, $2::int4)`, gateClass, gateID)
 	}
-	if len(keys) > 0 {
+	if locks && len(keys) > 0 {
 		rb.Queue(`SELECT count(pg_advisory_xact_lock($1::int4, k)) FROM unnest($2::int4[]) AS k`, lockClass, keys)
 	}
 	if len(builds) > 0 {

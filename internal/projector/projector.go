@@ -249,6 +249,7 @@ func Handler(store *projection.Store, tel *Telemetry, log *zap.Logger, owner str
 				zap.String("layout", fence.Layout), zap.Int("partition", fence.Partition),
 				zap.Int64("epoch", fence.Epoch), zap.Int("messages", len(msgs)), zap.String("owner", owner))
 			fence = nil
+			tel.Remembered.Set(0)
 			return fmt.Errorf("%w: %w", natsjs.ErrGiveBack, err)
 		}
 		if err != nil {
@@ -261,6 +262,8 @@ func Handler(store *projection.Store, tel *Telemetry, log *zap.Logger, owner str
 		tel.Applied.Add(float64(res.Applied))
 		tel.Duplicates.Add(float64(res.Duplicates))
 		tel.DeadLettered.Add(float64(res.DeadLettered))
+		tel.Redone.Add(float64(res.Redone))
+		tel.Remembered.Set(float64(fence.Remembered()))
 		if res.DeadLettered > 0 {
 			log.Warn("dead-lettered messages", zap.Int("count", res.DeadLettered))
 		}

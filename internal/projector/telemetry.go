@@ -27,6 +27,8 @@ type Telemetry struct {
 	Fenced       prometheus.Counter // batches refused at commit: another instance acquired the partition
 	Acquired     prometheus.Counter // acquires of the partition by this instance
 	Owned        prometheus.Gauge   // 1 while this instance holds the partition's current epoch (as far as it knows)
+	Redone       prometheus.Counter // batches folded again: the partition's memory took a claimed build or an applied id for new
+	Remembered   prometheus.Gauge   // projects the partition's memory holds
 
 	mu      sync.Mutex // guards the rate's sample
 	sampled time.Time
@@ -76,6 +78,13 @@ func NewTelemetry() *Telemetry {
 		Owned: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "buildstate_partition_owned", Help: "1 while this instance holds the partition (from its acquire to a fenced commit), else 0.",
 		}),
+		Redone: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "buildstate_batch_redone_total",
+			Help: "Batches folded again on what the store holds: the partition's memory had taken a build claimed before it acquired the partition, or an id applied longer ago than it remembers, for new.",
+		}),
+		Remembered: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "buildstate_memory_projects", Help: "Projects the partition's memory holds (bounded by --memory-projects).",
+		}),
 	}
 	for _, state := range []string{projection.StuckQueued, projection.StuckBuilding} {
 		t.Stuck.WithLabelValues(state).Set(0) // present from the start
@@ -86,7 +95,7 @@ func NewTelemetry() *Telemetry {
 	for _, l := range projection.ExpectedRetries {
 		t.Retries.WithLabelValues(l[0], l[1])
 	}
-	t.Registry.MustRegister(t.Applied, t.DeadLettered, t.Duplicates, t.Lag, t.Retries, t.Batches, t.Stuck, t.Dropped, t.Fenced, t.Acquired, t.Owned,
+	t.Registry.MustRegister(t.Applied, t.DeadLettered, t.Duplicates, t.Lag, t.Retries, t.Batches, t.Stuck, t.Dropped, t.Fenced, t.Acquired, t.Owned, t.Redone, t.Remembered,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return t
 }
