@@ -377,8 +377,8 @@ func (b *bencher) printCatchup(label string, r bench.CatchupResult) {
 		b.printf("    Postgres backends of this database, sampled every 20 ms when not idle: %s\n", strings.Join(r.Activity.Top(), ", "))
 	}
 	if r.Batches.Count > 0 {
-		b.printf("    %d batches (%.0f messages each on average), %.1f ms to apply one (first process); %d write retries\n",
-			r.Batches.Count, float64(r.Events)/float64(r.Batches.Count), 1000*r.Batches.MeanSeconds, r.Batches.WriteRetries)
+		b.printf("    %d batches (%.0f messages each on average), %.1f ms to apply one (first process); %d write retries; %d folded again\n",
+			r.Batches.Count, float64(r.Events)/float64(r.Batches.Count), 1000*r.Batches.MeanSeconds, r.Batches.WriteRetries, r.Batches.Redone)
 	}
 	if r.FirstWarning != "" {
 		b.printf("    first warning: %s\n", r.FirstWarning)
@@ -404,8 +404,8 @@ func (b *bencher) live() error {
 				ms(r.StoreAck.P50), ms(r.StoreAck.P99), bench.MiB(r.Usage.RSS), bench.MiB(r.Usage.PeakRSS),
 				r.Usage.CPU.Seconds()/secs, r.BackendCPU.Seconds()/secs, r.Machine, r.LoadBefore, r.Warnings)
 			if r.Batches.Count > 0 {
-				b.printf("    %d batches, %.0f events per batch on average, %.1f ms to apply one; %d write retries\n", r.Batches.Count,
-					float64(r.Latency.N)/float64(r.Batches.Count), 1000*r.Batches.MeanSeconds, r.Batches.WriteRetries)
+				b.printf("    %d batches, %.0f events per batch on average, %.1f ms to apply one; %d write retries; %d folded again\n", r.Batches.Count,
+					float64(r.Latency.N)/float64(r.Batches.Count), 1000*r.Batches.MeanSeconds, r.Batches.WriteRetries, r.Batches.Redone)
 			}
 		}
 	}

@@ -178,6 +178,7 @@ func (e *Env) Catchup(ctx context.Context, b Backlog, cfg CatchupConfig) (Catchu
 		if bs, err := p.Batches(); err == nil {
 			res.Batches.Count += bs.Count
 			res.Batches.WriteRetries += bs.WriteRetries
+			res.Batches.Redone += bs.Redone
 			if i == 0 {
 				res.Batches.MeanSeconds = bs.MeanSeconds
 			}

@@ -180,6 +180,7 @@ type Batches struct {
 	Count        int
 	MeanSeconds  float64 // mean apply time of a batch
 	WriteRetries int
+	Redone       int // batches folded again (buildstate_batch_redone_total)
 }
 
 // Batches reads the batch figures from the projector's metrics.
@@ -188,7 +189,8 @@ func (p *Process) Batches() (Batches, error) {
 	if err != nil {
 		return Batches{}, err
 	}
-	b := Batches{Count: int(m["buildstate_batch_seconds_count"]), WriteRetries: int(m["buildstate_write_retries_total"])}
+	b := Batches{Count: int(m["buildstate_batch_seconds_count"]), WriteRetries: int(m["buildstate_write_retries_total"]),
+		Redone: int(m["buildstate_batch_redone_total"])}
 	if b.Count > 0 {
 		b.MeanSeconds = m["buildstate_batch_seconds_sum"] / float64(b.Count)
 	}

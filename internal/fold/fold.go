@@ -114,9 +114,10 @@ type Project struct {
 // loaded is what Partition.Load knew of a project (apart from Project, so
 // that a replay's projects do not carry it).
 type loaded struct {
-	stored []fsm.Build // its builds as loaded, Project.Builds[i] started as stored[i]
-	roles  fsm.Roles   // fsm.RolesOf(stored)
-	whole  bool        // stored is its whole history
+	stored  []fsm.Build // its builds as loaded, Project.Builds[i] started as stored[i]
+	roles   fsm.Roles   // fsm.RolesOf(stored)
+	whole   bool        // stored is its whole history
+	claimed []string    // every build it claimed, if the store listed them (Stored.Claimed)
 }
 
 // builds lists the project's builds for fsm.
@@ -251,6 +252,10 @@ type Stored struct {
 	// IDs are the digests of the event ids the messages carry that were
 	// applied before.
 	IDs map[string][]byte
+	// Claimed, if the store lists them, are all the builds each project of
+	// Projects claimed, whether their facts were loaded or not (a Memory
+	// keeps the others as names, to read them when a message names them).
+	Claimed map[string][]string
 }
 
 // Load makes what s holds known to the partition, before messages are
@@ -282,6 +287,11 @@ func (p *Partition) Load(s Stored) {
 		pr.Builds = append(pr.Builds, nb)
 		l := pr.load()
 		l.stored = append(l.stored, nb.Build)
+	}
+	for id, builds := range s.Claimed {
+		if pr := p.projects[id]; pr != nil && pr.loaded != nil {
+			pr.loaded.claimed = append(pr.loaded.claimed, builds...)
+		}
 	}
 	for id, digest := range s.IDs {
 		var d idDigest

@@ -37,8 +37,9 @@ type Memory struct {
 type memProject struct {
 	id     string
 	builds []fsm.Build
-	whole  bool   // builds is its whole history
-	used   uint64 // the last Keep that kept it
+	whole  bool                // builds is its whole history
+	cold   map[string]struct{} // builds it claimed whose facts memory does not hold (not whole)
+	used   uint64              // the last Keep that kept it
 }
 
 // Limits bound a Memory.
@@ -90,8 +91,10 @@ func (m *Memory) Len() int { return len(m.projects) }
 // Prime loads into p, a fresh partition, what m holds for the messages of
 // dec: their projects in memory, the projects in memory that own builds they
 // name, and the ids they carry that m remembers. It returns the indices in
-// dec of the valid events whose project the store holds and memory does not:
-// the caller reads what those need (Partition.Load) before adding dec.
+// dec of the valid events whose project the store holds and memory does not,
+// or that name a build of their project whose facts memory does not hold:
+// the caller reads what those need (Partition.Load, with Stored.Claimed for
+// the projects it reads) before adding dec.
 func (m *Memory) Prime(p *Partition, dec []Decoded) (misses []int) {
 	for i := range dec {
 		d := &dec[i]
@@ -101,6 +104,9 @@ func (m *Memory) Prime(p *Partition, dec []Decoded) (misses []int) {
 		ev := &d.ev
 		if mp := m.projects[ev.ProjectID]; mp != nil {
 			p.prime(mp)
+			if _, ok := mp.cold[ev.BuildID]; ok {
+				misses = append(misses, i)
+			}
 		} else if _, ok := m.stored[storedKey(ev.ProjectID)]; ok {
 			misses = append(misses, i)
 		}
@@ -157,6 +163,21 @@ func (m *Memory) Keep(p *Partition, projects []string) {
 		for _, b := range pr.Builds {
 			mp.builds = append(mp.builds, b.Build)
 			m.owners[b.ID] = mp
+		}
+		// The builds it claimed that were not loaded stay names: a message
+		// naming one is a miss (read its facts), not a new build.
+		if mp.whole {
+			mp.cold = nil
+		} else if pr.loaded != nil {
+			for _, b := range pr.loaded.claimed {
+				if mp.cold == nil {
+					mp.cold = map[string]struct{}{}
+				}
+				mp.cold[b] = struct{}{}
+			}
+		}
+		for _, b := range pr.Builds {
+			delete(mp.cold, b.ID)
 		}
 	}
 	for _, a := range p.applied {

@@ -359,7 +359,7 @@ func (s *Store) applyOnce(ctx context.Context, b batch) (res Result, drops []dro
 			names[i] = b.dec[j]
 		}
 	}
-	st, err := s.read(ctx, tx, names, s.opts.Gate && !gated, mem == nil)
+	st, err := s.read(ctx, tx, names, s.opts.Gate && !gated, mem == nil, mem != nil)
 	if err != nil {
 		return Result{}, nil, err
 	}
@@ -506,10 +506,12 @@ func (s *Store) write(ctx context.Context, tx pgx.Tx, ch fold.Changes, retries m
 // then, once the locks are held (each statement reads what was committed
 // when it starts), the claims of the builds the messages of dec name, the
 // applied ids they carry, and the stored facts of their projects (their role
-// holders and the named builds). With nothing to send it sends nothing.
-func (s *Store) read(ctx context.Context, tx pgx.Tx, dec []fold.Decoded, gate, locks bool) (fold.Stored, error) {
+// holders and the named builds), and, if claimed, the names of every build
+// those projects claimed (for a fence's memory: fold.Stored.Claimed). With
+// nothing to send it sends nothing.
+func (s *Store) read(ctx context.Context, tx pgx.Tx, dec []fold.Decoded, gate, locks, claimed bool) (fold.Stored, error) {
 	st := fold.Stored{Projects: map[string]map[string]*fsm.Build{}, Whole: map[string]bool{},
-		Claims: map[string]string{}, IDs: map[string][]byte{}}
+		Claims: map[string]string{}, IDs: map[string][]byte{}, Claimed: map[string][]string{}}
 	projects, keys, builds, ids := namesOf(dec)
 	rb := &pgx.Batch{}
 	if gate {
@@ -541,6 +543,16 @@ func (s *Store) read(ctx context.Context, tx pgx.Tx, dec []fold.Decoded, gate, l
 			st.Projects, err = scanFacts(rows)
 			return err
 		})
+		if claimed {
+			rb.Queue(claimedBuildsSQL, projects).Query(func(rows pgx.Rows) error {
+				var project, build string
+				_, err := pgx.ForEachRow(rows, []any{&project, &build}, func() error {
+					st.Claimed[project] = append(st.Claimed[project], build)
+					return nil
+				})
+				return err
+			})
+		}
 	}
 	if rb.Len() == 0 {
 		return st, nil
@@ -600,6 +612,10 @@ INSERT INTO projector_builds (build_id, project_id)
 SELECT * FROM unnest($1::text[], $2::text[])
 ON CONFLICT (build_id) DO NOTHING
 RETURNING build_id`
+
+// claimedBuildsSQL lists every build the projects claimed
+// (projector_builds_project_idx).
+const claimedBuildsSQL = `SELECT project_id, build_id FROM projector_builds WHERE project_id = ANY($1::text[])`
 
 const buildOwnersSQL = `SELECT build_id, project_id FROM projector_builds WHERE build_id = ANY($1::text[])`
 

@@ -22,6 +22,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/buildstate/buildstate/emitter"
+	"github.com/buildstate/buildstate/internal/fold"
 	"github.com/buildstate/buildstate/internal/httpserve"
 	"github.com/buildstate/buildstate/internal/natsjs"
 	"github.com/buildstate/buildstate/internal/projection"
@@ -40,6 +41,9 @@ type Config struct {
 	HTTPAddr    string // "" serves no HTTP
 	BatchSize   int
 	Linger      time.Duration
+	// Memory bounds what the partition's owner keeps between batches
+	// (fold.Memory); zero fields take fold.DefaultLimits.
+	Memory fold.Limits
 	// Stuck are the limits of the buildstate_builds_stuck gauge and of the
 	// time-outs; StuckEvery is how often they are checked (default a minute).
 	Stuck      projection.StuckLimits
@@ -148,7 +152,7 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	tel := NewTelemetry()
-	store := projection.New(pool, projection.Options{Prefix: cfg.Prefix, Gate: true, Logger: log, Observer: tel})
+	store := projection.New(pool, projection.Options{Prefix: cfg.Prefix, Gate: true, Logger: log, Observer: tel, Memory: cfg.Memory})
 	owner := InstanceID()
 	loop := natsjs.NewLoop(cons, Handler(store, tel, log, owner), natsjs.LoopOptions{
 		BatchSize: cfg.BatchSize, Linger: cfg.Linger, Logger: log,
