@@ -289,9 +289,10 @@ func (p *Partition) Load(s Stored) {
 		l.stored = append(l.stored, nb.Build)
 	}
 	for id, builds := range s.Claimed {
-		if pr := p.projects[id]; pr != nil && pr.loaded != nil {
-			pr.loaded.claimed = append(pr.loaded.claimed, builds...)
-		}
+		// A project whose claimed builds hold no role and were not named
+		// has no facts loaded: it is loaded all the same (not new), in part.
+		l := p.project(id).load()
+		l.claimed = append(l.claimed, builds...)
 	}
 	for id, digest := range s.IDs {
 		var d idDigest

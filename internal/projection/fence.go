@@ -77,9 +77,10 @@ RETURNING epoch`
 const acquireLockTimeout = "2s"
 
 // storedProjectsSQL lists the projects the store holds rows for: every
-// project with a counted event has a row of projector_roles (its first one
-// names the newest build).
-const storedProjectsSQL = `SELECT project_id FROM projector_roles`
+// project with a counted event claimed its build (projector_roles would miss
+// a project whose builds have only completions or metrics so far: they hold
+// no role). An index-only scan of projector_builds_project_idx.
+const storedProjectsSQL = `SELECT DISTINCT project_id FROM projector_builds`
 
 // Acquire takes layout's partition for owner (an instance id, for logs and
 // status) in its own transaction: the epoch is raised, which fences every

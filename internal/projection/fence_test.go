@@ -218,3 +218,52 @@ func TestAcquireWaitsForTheOwnersBatch(t *testing.T) {
 		t.Errorf("Acquire after the batch committed = %+v, %v; want epoch %d, applied_seq 42", got.f, got.err, a.Epoch+1)
 	}
 }
+
+// A new owner's memory reads a project when a batch names it: its role
+// holders, the builds named, and the names of every build it claimed. A
+// later batch naming one of those builds reads its facts; it is neither
+// taken for a new build (which the claim's insert would refuse, folding the
+// batch again) nor folded without its facts.
+func TestMemoryReadsAColdBuild(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	s := newStore(t, projection.Options{Gate: true})
+	var evs []events.Event
+	for i, b := range []string{"b-1", "b-2", "b-3"} {
+		evs = append(evs, deployed("p-1", b, shadowT0.Add(time.Duration(i)*time.Minute))...)
+	}
+	apply(t, s, msgs(t, 1, evs...))
+	f := acquire(t, s, "new owner")
+	// b-3 holds every role; b-2 is named: b-1 stays a name.
+	late := events.New(events.KindMetricsRecorded, "p-1", "b-2", shadowT0.Add(time.Hour), events.Data{})
+	if res, err := s.Apply(ctx, &f, msgs(t, 20, late)); err != nil || res.Applied != 1 || res.Redone != 0 {
+		t.Fatalf("first batch = %+v, %v; want 1 applied, none folded again", res, err)
+	}
+	again := events.New(events.KindCompleted, "p-1", "b-1", shadowT0.Add(time.Hour), events.Data{Outcome: events.OutcomeFailed})
+	res, err := s.Apply(ctx, &f, msgs(t, 21, again))
+	if err != nil || res.Applied != 1 || res.Redone != 0 {
+		t.Fatalf("batch naming b-1 = %+v, %v; want 1 applied, none folded again", res, err)
+	}
+	// b-1's metrics row keeps its start and metrics: it was folded on its facts.
+	var status string
+	var started *time.Time
+	if err := s.Pool().QueryRow(ctx, `SELECT status, started_at FROM project_build_metrics WHERE build_id = 'b-1'`).Scan(&status, &started); err != nil {
+		t.Fatal(err)
+	}
+	if status != "failed" || started == nil || !started.Equal(shadowT0.Add(time.Second)) {
+		t.Errorf("b-1 metrics row: status %q, started_at %v; want failed, %v", status, started, shadowT0.Add(time.Second))
+	}
+	// A project whose only claimed build holds no role (a completion came
+	// first) has no facts the read loads for another build's event, but
+	// its claim is known all the same.
+	apply(t, s, msgs(t, 30, events.New(events.KindCompleted, "p-2", "b-x", shadowT0, events.Data{Outcome: events.OutcomeSucceeded})))
+	f = acquire(t, s, "next owner")
+	for i, ev := range []events.Event{
+		events.New(events.KindQueued, "p-2", "b-y", shadowT0.Add(time.Minute), events.Data{}),
+		events.New(events.KindQueued, "p-2", "b-x", shadowT0.Add(-time.Minute), events.Data{}),
+	} {
+		if res, err := s.Apply(ctx, &f, msgs(t, uint64(31+i), ev)); err != nil || res.Applied != 1 || res.Redone != 0 {
+			t.Errorf("p-2 batch %d = %+v, %v; want 1 applied, none folded again", i, res, err)
+		}
+	}
+}
