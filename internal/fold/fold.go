@@ -23,6 +23,7 @@ import (
 	"fmt"
 	"hash/maphash"
 	"iter"
+	"maps"
 	"slices"
 	"strings"
 	"time"
@@ -262,19 +263,7 @@ type Stored struct {
 // added.
 func (p *Partition) Load(s Stored) {
 	for id, builds := range s.Projects {
-		pr := p.project(id)
-		l := pr.load()
-		l.whole = l.whole || s.Whole[id] // a project primed whole stays whole
-		for _, b := range builds {
-			if _, ok := p.builds[b.ID]; ok {
-				continue
-			}
-			nb := &Build{Build: *b}
-			p.builds[b.ID] = nb
-			pr.Builds = append(pr.Builds, nb)
-			l.stored = append(l.stored, *b)
-		}
-		l.roles = fsm.RolesOf(pr.storedBuilds())
+		p.loadBuilds(id, s.Whole[id], maps.Values(builds))
 	}
 	for build, project := range s.Claims {
 		if _, ok := p.builds[build]; ok {
@@ -299,6 +288,25 @@ func (p *Partition) Load(s Stored) {
 		copy(d[:], digest)
 		p.ids[keyOf(id)] = d
 	}
+}
+
+// loadBuilds adds builds, as the store holds them, to project id (those
+// the partition knows already aside); whole says they are its whole history
+// (a project loaded whole stays whole).
+func (p *Partition) loadBuilds(id string, whole bool, builds iter.Seq[*fsm.Build]) {
+	pr := p.project(id)
+	l := pr.load()
+	l.whole = l.whole || whole
+	for b := range builds {
+		if _, ok := p.builds[b.ID]; ok {
+			continue
+		}
+		nb := &Build{Build: *b}
+		p.builds[b.ID] = nb
+		pr.Builds = append(pr.Builds, nb)
+		l.stored = append(l.stored, *b)
+	}
+	l.roles = fsm.RolesOf(pr.storedBuilds())
 }
 
 func (p *Partition) project(id string) *Project {

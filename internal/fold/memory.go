@@ -125,17 +125,13 @@ func (p *Partition) prime(mp *memProject) {
 	if pr := p.projects[mp.id]; pr != nil && pr.loaded != nil {
 		return
 	}
-	pr := p.project(mp.id)
-	l := pr.load()
-	l.whole = mp.whole
-	for i := range mp.builds {
-		b := &mp.builds[i]
-		nb := &Build{Build: *b}
-		p.builds[b.ID] = nb
-		pr.Builds = append(pr.Builds, nb)
-		l.stored = append(l.stored, *b)
-	}
-	l.roles = fsm.RolesOf(pr.storedBuilds())
+	p.loadBuilds(mp.id, mp.whole, func(yield func(*fsm.Build) bool) {
+		for i := range mp.builds {
+			if !yield(&mp.builds[i]) {
+				return
+			}
+		}
+	})
 }
 
 // Keep takes back, once the batch folded in p committed, the projects its
@@ -168,8 +164,8 @@ func (m *Memory) Keep(p *Partition, projects []string) {
 		// naming one is a miss (read its facts), not a new build.
 		if mp.whole {
 			mp.cold = nil
-		} else if pr.loaded != nil {
-			for _, b := range pr.loaded.claimed {
+		} else {
+			for _, b := range pr.loaded.claimed { // not whole: loaded
 				if mp.cold == nil {
 					mp.cold = map[string]struct{}{}
 				}

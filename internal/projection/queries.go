@@ -163,6 +163,26 @@ func (s *Store) Retry(ctx context.Context, f DeadLetterFilter) (Result, error) {
 	f.After, f.Limit = 0, retryChunk
 	var fence *Fence
 	acquires := 0
+	// applyOwned applies under the fence, acquiring it when it has none.
+	applyOwned := func(under *Store, msgs []Message, retries map[uint64]int) (Result, error) {
+		for {
+			if fence == nil {
+				if acquires++; acquires > retryAcquires {
+					return Result{}, fmt.Errorf("the live projector took the partition back %d times; run it again", retryAcquires)
+				}
+				fc, err := s.Acquire(ctx, LayoutP1, 0, "dead-letters retry")
+				if err != nil {
+					return Result{}, err
+				}
+				fence = &fc
+			}
+			res, err := under.applyIsolating(ctx, fence, msgs, retries)
+			if !errors.Is(err, ErrFenced) {
+				return res, err
+			}
+			fence = nil
+		}
+	}
 	for {
 		dls, err := s.DeadLetters(ctx, f)
 		if err != nil {
@@ -191,28 +211,11 @@ func (s *Store) Retry(ctx context.Context, f DeadLetterFilter) (Result, error) {
 				msgs = append(msgs, Message{Seq: d.StreamSeq, Subject: d.RawSubject(), Data: d.Payload, StoredAt: d.StoredAt})
 				retries[d.StreamSeq] = d.Retries + 1
 			}
-			for {
-				if fence == nil {
-					if acquires++; acquires > retryAcquires {
-						return total, fmt.Errorf("retry dead letters: the live projector took the partition back %d times; run it again", retryAcquires)
-					}
-					fc, err := s.Acquire(ctx, LayoutP1, 0, "dead-letters retry")
-					if err != nil {
-						return total, fmt.Errorf("retry dead letters: %w", err)
-					}
-					fence = &fc
-				}
-				res, err := under.applyIsolating(ctx, fence, msgs, retries)
-				if errors.Is(err, ErrFenced) {
-					fence = nil
-					continue
-				}
-				if err != nil {
-					return total, fmt.Errorf("retry dead letters: %w", err)
-				}
-				total.add(res)
-				break
+			res, err := applyOwned(&under, msgs, retries)
+			if err != nil {
+				return total, fmt.Errorf("retry dead letters: %w", err)
 			}
+			total.add(res)
 		}
 	}
 }

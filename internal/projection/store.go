@@ -52,7 +52,7 @@ type Result struct {
 	Duplicates   int // events whose id was already applied (same content)
 	DeadLettered int // messages kept as dead letters
 	Dropped      int // optional measurements left out of applied events (events.Decode)
-	Redone       int // times a fenced batch was folded again: its memory took a claimed build or an applied id for new
+	Redone       int // times the batch was folded again: a concurrent claim, or (fenced) its memory took a claimed build or an applied id for new
 }
 
 func (r *Result) add(o Result) {
@@ -359,7 +359,7 @@ func (s *Store) applyOnce(ctx context.Context, b batch) (res Result, drops []dro
 			names[i] = b.dec[j]
 		}
 	}
-	st, err := s.read(ctx, tx, names, s.opts.Gate && !gated, mem == nil, mem != nil)
+	st, err := s.read(ctx, tx, names, s.opts.Gate && !gated, mem != nil)
 	if err != nil {
 		return Result{}, nil, err
 	}
@@ -501,15 +501,15 @@ func (s *Store) write(ctx context.Context, tx pgx.Tx, ch fold.Changes, retries m
 }
 
 // read sends, in one round trip and in this order: the rebuild gate
-// (shared, if gate) and, if locks, one advisory lock per bucket of
-// projects, in order so that concurrent projectors cannot deadlock on them;
-// then, once the locks are held (each statement reads what was committed
-// when it starts), the claims of the builds the messages of dec name, the
-// applied ids they carry, and the stored facts of their projects (their role
-// holders and the named builds), and, if claimed, the names of every build
-// those projects claimed (for a fence's memory: fold.Stored.Claimed). With
-// nothing to send it sends nothing.
-func (s *Store) read(ctx context.Context, tx pgx.Tx, dec []fold.Decoded, gate, locks, claimed bool) (fold.Stored, error) {
+// (shared, if gate) and, unless for a fence's memory (the fence is the only
+// writer), one advisory lock per bucket of projects, in order so that
+// concurrent projectors cannot deadlock on them; then, once the locks are
+// held (each statement reads what was committed when it starts), the claims
+// of the builds the messages of dec name, the applied ids they carry, the
+// stored facts of their projects (their role holders and the named builds),
+// and, for a memory, the names of every build those projects claimed
+// (fold.Stored.Claimed). With nothing to send it sends nothing.
+func (s *Store) read(ctx context.Context, tx pgx.Tx, dec []fold.Decoded, gate, forMemory bool) (fold.Stored, error) {
 	st := fold.Stored{Projects: map[string]map[string]*fsm.Build{}, Whole: map[string]bool{},
 		Claims: map[string]string{}, IDs: map[string][]byte{}, Claimed: map[string][]string{}}
 	projects, keys, builds, ids := namesOf(dec)
@@ -517,7 +517,7 @@ func (s *Store) read(ctx context.Context, tx pgx.Tx, dec []fold.Decoded, gate, l
 	if gate {
 		rb.Queue(`SELECT pg_advisory_xact_lock_shared($1::int4, $2::int4)`, gateClass, gateID)
 	}
-	if locks && len(keys) > 0 {
+	if !forMemory && len(keys) > 0 {
 		rb.Queue(`SELECT count(pg_advisory_xact_lock($1::int4, k)) FROM unnest($2::int4[]) AS k`, lockClass, keys)
 	}
 	if len(builds) > 0 {
@@ -543,7 +543,7 @@ func (s *Store) read(ctx context.Context, tx pgx.Tx, dec []fold.Decoded, gate, l
 			st.Projects, err = scanFacts(rows)
 			return err
 		})
-		if claimed {
+		if forMemory {
 			rb.Queue(claimedBuildsSQL, projects).Query(func(rows pgx.Rows) error {
 				var project, build string
 				_, err := pgx.ForEachRow(rows, []any{&project, &build}, func() error {
