@@ -34,8 +34,13 @@ SET event_id = excluded.event_id, occurred_at = excluded.occurred_at, stream_seq
     pending = excluded.pending`
 
 // closeFactsSQL clears the pending mark of the queued and started facts of
-// builds that now have a completion.
-const closeFactsSQL = `UPDATE projector_facts SET pending = false WHERE build_id = ANY($1::text[]) AND pending`
+// builds that now have a completion, each named by its primary key (build,
+// kind) so that the planner probes the index (with ConfigurePool's
+// random_page_cost) rather than filtering every pending fact.
+const closeFactsSQL = `
+UPDATE projector_facts AS f SET pending = false
+FROM unnest($1::text[]) AS u(build_id), unnest(ARRAY['queued', 'started']::text[]) AS k(kind)
+WHERE f.build_id = u.build_id AND f.kind = k.kind AND f.pending`
 
 // pending is projector_facts.pending of build b's fact of kind k: true on a
 // queued or started fact while the build has no completion. The stuck
