@@ -26,7 +26,7 @@ import (
 )
 
 // ProfileConfig is an in-process catch-up: the projector's own pieces
-// (projection.Store, natsjs.Loop, projector.Handler) in this process, so
+// (projection.Store, natsjs.Loop, projector.Writer) in this process, so
 // that a CPU profile and a per-statement timing can be taken.
 type ProfileConfig struct {
 	Batch      int
@@ -122,8 +122,8 @@ func (e *Env) Profile(ctx context.Context, b Backlog, cfg ProfileConfig) (Profil
 	}
 	defer func() { _ = e.js.DeleteConsumer(context.WithoutCancel(ctx), b.Stream.Name, durable) }()
 	store := projection.New(pool, projection.Options{Prefix: b.Stream.Prefix, Gate: true, Logger: zap.NewNop()})
-	loop := natsjs.NewLoop(cons, projector.Handler(store, projector.NewTelemetry(), zap.NewNop(), "bench-profile"),
-		natsjs.LoopOptions{BatchSize: cfg.Batch, Linger: cfg.Linger})
+	w := projector.NewWriter(store, projector.NewTelemetry(), zap.NewNop(), "bench-profile")
+	loop := natsjs.NewLoop(cons, w.Handle, natsjs.LoopOptions{BatchSize: cfg.Batch, Linger: cfg.Linger, Begin: w.Begin})
 
 	if cfg.CPUProfile != "" {
 		f, err := os.Create(cfg.CPUProfile)

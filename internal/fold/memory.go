@@ -214,3 +214,16 @@ func (m *Memory) remember(k idKey, d idDigest) {
 	m.idRing[m.idNext] = k
 	m.idNext = (m.idNext + 1) % len(m.idRing)
 }
+
+// Forget drops every project and id m holds, the projects back to "in the
+// store": what a caller does when a batch it kept (Keep) before its commit
+// did not commit. A project that batch started, which the store does not
+// hold, is then read and found empty: harmless.
+func (m *Memory) Forget() {
+	for id, mp := range m.projects {
+		m.drop(id, mp)
+	}
+	clear(m.ids)
+	m.idRing = m.idRing[:0]
+	m.idNext = 0
+}

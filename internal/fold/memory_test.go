@@ -89,3 +89,19 @@ func TestMemoryBounds(t *testing.T) {
 		t.Errorf("repeats known as duplicates = %d; want 4 (the ids remembered)", outs)
 	}
 }
+
+func TestMemoryForgets(t *testing.T) {
+	m := fold.NewMemory(fold.Limits{Projects: 10, IDs: 10})
+	q := events.New(events.KindQueued, "p-1", "b-1", t0, events.Data{})
+	batchOf(t, m, 1, q)
+	m.Forget()
+	if m.Len() != 0 {
+		t.Fatalf("Len after Forget = %d; want 0", m.Len())
+	}
+	// p-1 is read from the store again, and its id is not known: the
+	// store's digests decide whether it is a repeat.
+	misses, outs := foldOn(t, m, false, 2, q)
+	if !slices.Equal(misses, []int{0}) || outs[0] != fold.Counted {
+		t.Errorf("after Forget: misses %v, outcomes %v; want [0] (p-1 is in the store), counted (nothing loaded)", misses, outs)
+	}
+}

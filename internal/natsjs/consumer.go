@@ -127,8 +127,18 @@ var ErrRedeliverLater = errors.New("redeliver later")
 // not change.
 var ErrGiveBack = errors.New("give the batch back")
 
+// Begin starts a batch and returns how to finish it (a Handler's first
+// attempt, split in two): the loop begins the next batch, if messages are
+// ready, before it finishes this one, so that the handler works on the next
+// batch while its store works on this one. The finish's error means what a
+// Handler's does; a transient one is retried with the Handler.
+type Begin func(ctx context.Context, msgs []jetstream.Msg) (finish func(context.Context) error)
+
 // LoopOptions tune Loop.
 type LoopOptions struct {
+	// Begin, if set, starts each batch (see Begin); the Handler then only
+	// retries.
+	Begin       Begin
 	BatchSize   int           // most messages per handler call, default 1000
 	Linger      time.Duration // how long to wait to fill a batch once a message is in hand, default 0
 	MaxBackoff  time.Duration // cap of the retry backoff, default 5s
@@ -206,14 +216,41 @@ func (l *Loop) Run(ctx context.Context) error {
 			in <- msg
 		}
 	}()
+	var held *begun // begun, not finished (LoopOptions.Begin)
 	for {
-		batch, open := l.collect(ctx, in)
+		var batch []jetstream.Msg
+		open := true
+		if held != nil {
+			if ctx.Err() != nil {
+				break // stop: only the batch in hand is finished (below)
+			}
+			// What is ready now, without waiting: if nothing is, the
+			// batch in hand is finished first.
+			if batch, open = l.takeReady(in); len(batch) == 0 && open {
+				l.settle(ctx, held)
+				held = nil
+				continue
+			}
+		} else {
+			batch, open = l.collect(ctx, in)
+		}
 		if len(batch) > 0 {
-			l.handle(ctx, batch)
+			if l.opts.Begin == nil {
+				l.handle(ctx, batch, l.keepInProgress(batch), nil)
+			} else {
+				next := l.begin(ctx, batch)
+				if held != nil {
+					l.settle(ctx, held)
+				}
+				held = next
+			}
 		}
 		if ctx.Err() != nil || !open {
 			break
 		}
+	}
+	if held != nil {
+		l.settle(ctx, held)
 	}
 	it.Drain()
 	// Pulled but not handled: give them back now.
@@ -234,6 +271,38 @@ func consumerName(c jetstream.Consumer) string {
 		return info.Name
 	}
 	return "?"
+}
+
+// begun is a batch the loop began (LoopOptions.Begin) and has not settled.
+type begun struct {
+	batch    []jetstream.Msg
+	stopBeat func()
+	finish   func(context.Context) error
+}
+
+func (l *Loop) begin(ctx context.Context, batch []jetstream.Msg) *begun {
+	b := &begun{batch: batch, stopBeat: l.keepInProgress(batch)}
+	b.finish = l.opts.Begin(context.WithoutCancel(ctx), batch)
+	return b
+}
+
+func (l *Loop) settle(ctx context.Context, b *begun) { l.handle(ctx, b.batch, b.stopBeat, b.finish) }
+
+// takeReady takes what is ready in in, up to BatchSize, without waiting.
+func (l *Loop) takeReady(in <-chan jetstream.Msg) ([]jetstream.Msg, bool) {
+	var batch []jetstream.Msg
+	for len(batch) < l.opts.BatchSize {
+		select {
+		case msg, ok := <-in:
+			if !ok {
+				return batch, false
+			}
+			batch = append(batch, msg)
+		default:
+			return batch, true
+		}
+	}
+	return batch, true
 }
 
 // collect blocks for one message, then takes what is ready up to BatchSize
@@ -283,17 +352,17 @@ func (l *Loop) collect(ctx context.Context, in <-chan jetstream.Msg) ([]jetstrea
 	return batch, true
 }
 
-// handle runs the handler on a batch until it is settled. After ctx is done
-// it still finishes the batch, bounded by StopTimeout, and naks it if it
-// cannot.
-func (l *Loop) handle(ctx context.Context, batch []jetstream.Msg) {
+// handle runs the handler on a batch until it is settled (its first attempt
+// is first, if not nil: a begun batch's finish). After ctx is done it still
+// finishes the batch, bounded by StopTimeout, and naks it if it cannot.
+// stopBeat ends the batch's keepInProgress.
+func (l *Loop) handle(ctx context.Context, batch []jetstream.Msg, stopBeat func(), first func(context.Context) error) {
 	work := context.WithoutCancel(ctx)
 	bo := backoff.NewExponentialBackOff()
 	bo.InitialInterval = 50 * time.Millisecond
 	// Jitter spreads each wait by ±RandomizationFactor: cap the interval so
 	// that no wait exceeds MaxBackoff.
 	bo.MaxInterval = time.Duration(float64(l.opts.MaxBackoff) / (1 + bo.RandomizationFactor))
-	stopBeat := l.keepInProgress(batch)
 	defer stopBeat()
 	var deadline time.Time
 	for {
@@ -304,7 +373,12 @@ func (l *Loop) handle(ctx context.Context, batch []jetstream.Msg) {
 		if !deadline.IsZero() {
 			hctx, cancel = context.WithDeadline(work, deadline)
 		}
-		err := l.h(hctx, batch)
+		var err error
+		if first != nil {
+			err, first = first(hctx), nil
+		} else {
+			err = l.h(hctx, batch)
+		}
 		cancel()
 		if err == nil {
 			for _, m := range batch {

@@ -33,6 +33,9 @@ type Fence struct {
 	// batch committed under the fence; nil applies as an unfenced store does
 	// (reading everything a batch names).
 	mem *fold.Memory
+	// open is the batch begun last under the fence (Store.Begin) and not
+	// finished yet.
+	open *Pending
 }
 
 // Remembered is the number of projects the fence's memory holds.

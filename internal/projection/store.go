@@ -198,7 +198,7 @@ func (s *Store) reject(ctx context.Context, f *Fence, msg Message, cause error, 
 	}
 	wb := &pgx.Batch{}
 	held := true
-	s.queueHead(wb, f, msg.Seq, &held)
+	s.queueHead(wb, s.opts.Gate, f, msg.Seq, &held)
 	wb.Queue(`DELETE FROM projector_dead_letters WHERE stream_seq = $1`, int64(msg.Seq))
 	queueDeadLetters(wb, []Refusal{{Msg: msg, Reason: events.ReasonRejectedByDatabase, Detail: detail}}, s.opts.Prefix, retries)
 	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
@@ -239,16 +239,9 @@ func (s *Store) apply(ctx context.Context, f *Fence, msgs []Message, retries map
 			s.opts.Logger.Debug("batch folded again after a concurrent claim", zap.Int("attempt", raced))
 			continue
 		}
-		var pgErr *pgconn.PgError
-		if !errors.As(err, &pgErr) || !retryable[pgErr.Code] {
+		if !s.noteRetry(err, attempt) {
 			return Result{}, err
 		}
-		if s.opts.Observer != nil {
-			s.opts.Observer.WriteRetried(pgErr.Code, pgErr.ConstraintName)
-		}
-		s.opts.Logger.Warn("write retried",
-			zap.String("sqlstate", pgErr.Code), zap.String("constraint", pgErr.ConstraintName),
-			zap.Int("attempt", attempt), zap.Error(err))
 		if attempt >= s.opts.Retries {
 			return Result{}, fmt.Errorf("%w after %d attempts: %w", ErrRetriesExhausted, attempt, err)
 		}
@@ -260,6 +253,22 @@ func (s *Store) apply(ctx context.Context, f *Fence, msgs []Message, retries map
 		case <-time.After(wait):
 		}
 	}
+}
+
+// noteRetry reports whether err is a retryable write error (retryable), and
+// if so counts and logs its retry as attempt.
+func (s *Store) noteRetry(err error, attempt int) bool {
+	var pgErr *pgconn.PgError
+	if !errors.As(err, &pgErr) || !retryable[pgErr.Code] {
+		return false
+	}
+	if s.opts.Observer != nil {
+		s.opts.Observer.WriteRetried(pgErr.Code, pgErr.ConstraintName)
+	}
+	s.opts.Logger.Warn("write retried",
+		zap.String("sqlstate", pgErr.Code), zap.String("constraint", pgErr.ConstraintName),
+		zap.Int("attempt", attempt), zap.Error(err))
+	return true
 }
 
 // errRaced is a batch's write finding a claim or an applied id that a
@@ -330,7 +339,7 @@ func (s *Store) applyOnce(ctx context.Context, b batch) (res Result, drops []dro
 		// before its other statements wait on anyone's locks.
 		head := &pgx.Batch{}
 		held := true
-		s.queueHead(head, b.fence, b.dec[len(b.dec)-1].Msg.Seq, &held)
+		s.queueHead(head, s.opts.Gate, b.fence, b.dec[len(b.dec)-1].Msg.Seq, &held)
 		if err := tx.SendBatch(ctx, head).Close(); err != nil {
 			return Result{}, nil, fmt.Errorf("fence: %w", err)
 		}
@@ -345,10 +354,29 @@ func (s *Store) applyOnce(ctx context.Context, b batch) (res Result, drops []dro
 			return Result{}, nil, fmt.Errorf("take out dead letters: %w", err)
 		}
 	}
-	// Under a fence the partition's memory holds what the batch needs but for
-	// the projects it does not hold (misses), read with plain SELECTs: the
-	// fence is the only writer. Without one, everything the batch names is
-	// read under the advisory locks.
+	p, res, drops, ch, _, err := s.foldBatch(ctx, tx, b, s.opts.Gate && !gated)
+	if err != nil {
+		return Result{}, nil, err
+	}
+	if err := s.write(ctx, tx, ch, b.retries); err != nil {
+		return Result{}, nil, err
+	}
+	if err := tx.Commit(ctx); err != nil {
+		return Result{}, nil, fmt.Errorf("commit: %w", err)
+	}
+	if b.fence != nil && b.fence.mem != nil {
+		b.fence.mem.Keep(p, projectsOf(b.dec))
+	}
+	return res, drops, nil
+}
+
+// foldBatch reads in tx what the batch needs and folds it: under a fence
+// with a memory, the partition's memory holds what the batch needs but for
+// the projects it does not hold (misses), read with plain SELECTs, as the
+// fence is the only writer; without one, everything the batch names is read
+// under the advisory locks. gate takes the rebuild gate first, if anything
+// is read; gated reports whether it was taken.
+func (s *Store) foldBatch(ctx context.Context, tx pgx.Tx, b batch, gate bool) (p *fold.Partition, res Result, drops []droppedField, ch fold.Changes, gated bool, err error) {
 	var mem *fold.Memory
 	if b.fence != nil {
 		mem = b.fence.mem
@@ -368,9 +396,10 @@ func (s *Store) applyOnce(ctx context.Context, b batch) (res Result, drops []dro
 			names[i] = b.dec[j]
 		}
 	}
-	st, err := s.read(ctx, tx, names, s.opts.Gate && !gated, mem != nil)
+	st, sent, err := s.read(ctx, tx, names, gate, mem != nil)
+	gated = gate && sent
 	if err != nil {
-		return Result{}, nil, err
+		return nil, Result{}, nil, fold.Changes{}, false, err
 	}
 	p.Load(st)
 	res, drops = foldInto(p, b)
@@ -380,7 +409,7 @@ func (s *Store) applyOnce(ctx context.Context, b batch) (res Result, drops []dro
 		rows, _ := tx.Query(ctx, loadProjectsSQL, whole)
 		full, err := scanFacts(rows)
 		if err != nil {
-			return Result{}, nil, err
+			return nil, Result{}, nil, fold.Changes{}, false, err
 		}
 		for _, id := range whole {
 			st.Projects[id] = full[id]
@@ -390,21 +419,12 @@ func (s *Store) applyOnce(ctx context.Context, b batch) (res Result, drops []dro
 		p.Load(st)
 		res, drops = foldInto(p, b)
 	}
-	ch, err := p.Changes(ctx)
+	ch, err = p.Changes(ctx)
 	if err != nil {
-		return Result{}, nil, err
+		return nil, Result{}, nil, fold.Changes{}, false, err
 	}
 	res.DeadLettered = len(ch.Refused)
-	if err := s.write(ctx, tx, ch, b.retries); err != nil {
-		return Result{}, nil, err
-	}
-	if err := tx.Commit(ctx); err != nil {
-		return Result{}, nil, fmt.Errorf("commit: %w", err)
-	}
-	if mem != nil {
-		mem.Keep(p, projectsOf(b.dec))
-	}
-	return res, drops, nil
+	return p, res, drops, ch, gated, nil
 }
 
 // projectsOf lists the projects of the valid events of dec, without repeats.
@@ -421,14 +441,14 @@ func projectsOf(dec []fold.Decoded) []string {
 }
 
 // queueHead queues what a transaction of the store sends first: the rebuild
-// gate (shared) if the store takes it, then, with a fence, the bound on idle
+// gate (shared) if gate (the store takes it and nothing took it before), then, with a fence, the bound on idle
 // time and the compare-and-set (held is set to whether it held). A fenced
 // transaction never waits on its client for long (its statements are
 // pipelined, its commit follows their results at once), so Postgres ends a
 // session idle in one for 5 s and its row locks go with it: an owner stopped
 // mid-transaction (SIGSTOP) does not keep the next owner's acquire waiting.
-func (s *Store) queueHead(b *pgx.Batch, f *Fence, seq uint64, held *bool) {
-	if s.opts.Gate {
+func (s *Store) queueHead(b *pgx.Batch, gate bool, f *Fence, seq uint64, held *bool) {
+	if gate {
 		b.Queue(`SELECT pg_advisory_xact_lock_shared($1::int4, $2::int4)`, gateClass, gateID)
 	}
 	if f == nil {
@@ -460,14 +480,28 @@ func foldInto(p *fold.Partition, b batch) (Result, []droppedField) {
 	return res, drops
 }
 
-// write sends what the fold changed, in one round trip: the new claims and
-// applied ids first (each in key order, so that concurrent projectors take
-// their locks in one order), then facts, roles, dead letters and the plans.
-// A claim or id that is there already was committed by a concurrent
+// write sends what the fold changed, in one round trip (queueWrite). A
+// claim or id that is there already was committed by a concurrent
 // transaction after read: errRaced.
 func (s *Store) write(ctx context.Context, tx pgx.Tx, ch fold.Changes, retries map[uint64]int) error {
 	wb := &pgx.Batch{}
 	raced := false
+	s.queueWrite(wb, ch, retries, &raced)
+	err := tx.SendBatch(ctx, wb).Close()
+	if raced {
+		return errRaced
+	}
+	if err != nil {
+		return fmt.Errorf("write: %w", err)
+	}
+	return nil
+}
+
+// queueWrite queues what the fold changed: the new claims and applied ids
+// first (each in key order, so that concurrent projectors take their locks
+// in one order), then facts, roles, dead letters and the plans. raced is set
+// when the claims or ids inserted are fewer than sent.
+func (s *Store) queueWrite(wb *pgx.Batch, ch fold.Changes, retries map[uint64]int, raced *bool) {
 	insertedAll := func(want int) func(pgx.Rows) error {
 		return func(rows pgx.Rows) error {
 			n := 0
@@ -475,7 +509,7 @@ func (s *Store) write(ctx context.Context, tx pgx.Tx, ch fold.Changes, retries m
 				n++
 			}
 			if n < want {
-				raced = true
+				*raced = true
 			}
 			return rows.Err()
 		}
@@ -499,14 +533,6 @@ func (s *Store) write(ctx context.Context, tx pgx.Tx, ch fold.Changes, retries m
 	queueRoles(wb, ch.Roles)
 	queueDeadLetters(wb, ch.Refused, s.opts.Prefix, retries)
 	queuePlans(wb, ch.Plans)
-	err := tx.SendBatch(ctx, wb).Close()
-	if raced {
-		return errRaced
-	}
-	if err != nil {
-		return fmt.Errorf("write: %w", err)
-	}
-	return nil
 }
 
 // read sends, in one round trip and in this order: the rebuild gate
@@ -518,8 +544,8 @@ func (s *Store) write(ctx context.Context, tx pgx.Tx, ch fold.Changes, retries m
 // stored facts of their projects (their role holders and the named builds),
 // and, for a memory, the names of every build those projects claimed
 // (fold.Stored.Claimed). With nothing to send it sends nothing.
-func (s *Store) read(ctx context.Context, tx pgx.Tx, dec []fold.Decoded, gate, forMemory bool) (fold.Stored, error) {
-	st := fold.Stored{Projects: map[string]map[string]*fsm.Build{}, Whole: map[string]bool{},
+func (s *Store) read(ctx context.Context, tx pgx.Tx, dec []fold.Decoded, gate, forMemory bool) (st fold.Stored, sent bool, err error) {
+	st = fold.Stored{Projects: map[string]map[string]*fsm.Build{}, Whole: map[string]bool{},
 		Claims: map[string]string{}, IDs: map[string][]byte{}, Claimed: map[string][]string{}}
 	projects, keys, builds, ids := namesOf(dec)
 	rb := &pgx.Batch{}
@@ -564,12 +590,12 @@ func (s *Store) read(ctx context.Context, tx pgx.Tx, dec []fold.Decoded, gate, f
 		}
 	}
 	if rb.Len() == 0 {
-		return st, nil
+		return st, false, nil
 	}
 	if err := tx.SendBatch(ctx, rb).Close(); err != nil {
-		return fold.Stored{}, fmt.Errorf("read: %w", err)
+		return fold.Stored{}, true, fmt.Errorf("read: %w", err)
 	}
-	return st, nil
+	return st, true, nil
 }
 
 // lockBuckets is how many project locks a batch can take at most. Each

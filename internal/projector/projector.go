@@ -154,8 +154,9 @@ func Run(ctx context.Context, cfg Config) error {
 	tel := NewTelemetry()
 	store := projection.New(pool, projection.Options{Prefix: cfg.Prefix, Gate: true, Logger: log, Observer: tel, Memory: cfg.Memory})
 	owner := InstanceID()
-	loop := natsjs.NewLoop(cons, Handler(store, tel, log, owner), natsjs.LoopOptions{
-		BatchSize: cfg.BatchSize, Linger: cfg.Linger, Logger: log,
+	w := NewWriter(store, tel, log, owner)
+	loop := natsjs.NewLoop(cons, w.Handle, natsjs.LoopOptions{
+		BatchSize: cfg.BatchSize, Linger: cfg.Linger, Logger: log, Begin: w.Begin,
 	})
 
 	var wg sync.WaitGroup
@@ -210,7 +211,7 @@ func Run(ctx context.Context, cfg Config) error {
 	return nil
 }
 
-// Handler adapts the projection store to the consume loop, as the writer of
+// Writer adapts the projection store to the consume loop, as the writer of
 // the one partition (layout p1, docs/engine.md step 3). Every instance pulls
 // the durable's pinned priority group and the server delivers to one of them;
 // an instance that receives messages without holding the partition acquires
@@ -220,59 +221,109 @@ func Run(ctx context.Context, cfg Config) error {
 // is given back unacked (natsjs.ErrGiveBack), the fence dropped, and the
 // instance goes on pulling; it acquires again when messages reach it.
 //
-// owner names the instance in projector_partitions and the logs. The handler
-// is called by one loop, one batch at a time: it owns its fence.
-func Handler(store *projection.Store, tel *Telemetry, log *zap.Logger, owner string) natsjs.Handler {
-	var fence *projection.Fence
-	return func(ctx context.Context, msgs []jetstream.Msg) error {
-		batch := make([]projection.Message, len(msgs))
-		for i, m := range msgs {
-			pm := projection.Message{Subject: m.Subject(), Data: m.Data()}
-			if md, err := m.Metadata(); err == nil {
-				pm.Seq, pm.StoredAt = md.Sequence.Stream, md.Timestamp
-			}
-			batch[i] = pm
-		}
-		if fence == nil {
-			f, err := store.Acquire(ctx, projection.LayoutP1, 0, owner)
-			if err != nil {
-				return err // transient: the loop retries the batch
-			}
-			fence = &f
-			tel.Acquired.Inc()
-			tel.Owned.Set(1)
-			log.Info("partition acquired", zap.String("layout", f.Layout), zap.Int("partition", f.Partition),
-				zap.Int64("epoch", f.Epoch), zap.Uint64("applied_seq", f.AppliedSeq), zap.String("owner", owner))
-		}
-		start := time.Now()
-		res, err := store.Apply(ctx, fence, batch)
-		if errors.Is(err, projection.ErrFenced) {
-			tel.Fenced.Inc()
-			tel.Owned.Set(0)
-			log.Warn("partition fenced: another instance acquired it; batch given back unacked",
-				zap.String("layout", fence.Layout), zap.Int("partition", fence.Partition),
-				zap.Int64("epoch", fence.Epoch), zap.Int("messages", len(msgs)), zap.String("owner", owner))
-			fence = nil
-			tel.Remembered.Set(0)
-			return fmt.Errorf("%w: %w", natsjs.ErrGiveBack, err)
-		}
-		if err != nil {
-			if errors.Is(err, projection.ErrRetriesExhausted) {
-				return fmt.Errorf("%w: %w", natsjs.ErrRedeliverLater, err)
-			}
-			return err
-		}
-		tel.Batches.Observe(time.Since(start).Seconds())
-		tel.Applied.Add(float64(res.Applied))
-		tel.Duplicates.Add(float64(res.Duplicates))
-		tel.DeadLettered.Add(float64(res.DeadLettered))
-		tel.Redone.Add(float64(res.Redone))
-		tel.Remembered.Set(float64(fence.Remembered()))
-		if res.DeadLettered > 0 {
-			log.Warn("dead-lettered messages", zap.Int("count", res.DeadLettered))
-		}
-		return nil
+// Begin starts a batch (projection.Store.Begin: folded and sent, not
+// committed) for the loop to finish after it has begun the next; Handle
+// applies one at once (the loop's retries). Both are called by one loop, one
+// batch at a time: the writer owns its fence.
+type Writer struct {
+	store *projection.Store
+	tel   *Telemetry
+	log   *zap.Logger
+	owner string // names the instance in projector_partitions and the logs
+	fence *projection.Fence
+}
+
+// NewWriter returns the partition's writer for the instance owner.
+func NewWriter(store *projection.Store, tel *Telemetry, log *zap.Logger, owner string) *Writer {
+	return &Writer{store: store, tel: tel, log: log, owner: owner}
+}
+
+// Handle applies msgs under the writer's fence (natsjs.Handler).
+func (w *Writer) Handle(ctx context.Context, msgs []jetstream.Msg) error {
+	f, err := w.acquired(ctx)
+	if err != nil {
+		return err
 	}
+	start := time.Now()
+	res, err := w.store.Apply(ctx, f, messagesOf(msgs))
+	return w.settled(f, len(msgs), start, res, err)
+}
+
+// Begin starts msgs under the writer's fence (natsjs.Begin).
+func (w *Writer) Begin(ctx context.Context, msgs []jetstream.Msg) func(context.Context) error {
+	start := time.Now()
+	f, err := w.acquired(ctx)
+	if err != nil {
+		return func(context.Context) error { return err } // transient: the loop retries the batch
+	}
+	p := w.store.Begin(ctx, f, messagesOf(msgs))
+	return func(ctx context.Context) error {
+		res, err := p.Finish(ctx)
+		return w.settled(f, len(msgs), start, res, err)
+	}
+}
+
+func messagesOf(msgs []jetstream.Msg) []projection.Message {
+	batch := make([]projection.Message, len(msgs))
+	for i, m := range msgs {
+		pm := projection.Message{Subject: m.Subject(), Data: m.Data()}
+		if md, err := m.Metadata(); err == nil {
+			pm.Seq, pm.StoredAt = md.Sequence.Stream, md.Timestamp
+		}
+		batch[i] = pm
+	}
+	return batch
+}
+
+// acquired returns the writer's fence, acquiring the partition if it holds none.
+func (w *Writer) acquired(ctx context.Context) (*projection.Fence, error) {
+	if w.fence != nil {
+		return w.fence, nil
+	}
+	f, err := w.store.Acquire(ctx, projection.LayoutP1, 0, w.owner)
+	if err != nil {
+		return nil, err
+	}
+	w.fence = &f
+	w.tel.Acquired.Inc()
+	w.tel.Owned.Set(1)
+	w.log.Info("partition acquired", zap.String("layout", f.Layout), zap.Int("partition", f.Partition),
+		zap.Int64("epoch", f.Epoch), zap.Uint64("applied_seq", f.AppliedSeq), zap.String("owner", w.owner))
+	return w.fence, nil
+}
+
+// settled counts what a batch applied under f did, and turns its error into
+// the loop's: fenced (the fence is dropped, if it is still the writer's)
+// gives the batch back, retries exhausted redeliver it later.
+func (w *Writer) settled(f *projection.Fence, n int, start time.Time, res projection.Result, err error) error {
+	if errors.Is(err, projection.ErrFenced) {
+		w.tel.Fenced.Inc()
+		if w.fence == f {
+			w.tel.Owned.Set(0)
+			w.log.Warn("partition fenced: another instance acquired it; batch given back unacked",
+				zap.String("layout", f.Layout), zap.Int("partition", f.Partition),
+				zap.Int64("epoch", f.Epoch), zap.Int("messages", n), zap.String("owner", w.owner))
+			w.fence = nil
+			w.tel.Remembered.Set(0)
+		}
+		return fmt.Errorf("%w: %w", natsjs.ErrGiveBack, err)
+	}
+	if err != nil {
+		if errors.Is(err, projection.ErrRetriesExhausted) {
+			return fmt.Errorf("%w: %w", natsjs.ErrRedeliverLater, err)
+		}
+		return err
+	}
+	w.tel.Batches.Observe(time.Since(start).Seconds())
+	w.tel.Applied.Add(float64(res.Applied))
+	w.tel.Duplicates.Add(float64(res.Duplicates))
+	w.tel.DeadLettered.Add(float64(res.DeadLettered))
+	w.tel.Redone.Add(float64(res.Redone))
+	w.tel.Remembered.Set(float64(f.Remembered()))
+	if res.DeadLettered > 0 {
+		w.log.Warn("dead-lettered messages", zap.Int("count", res.DeadLettered))
+	}
+	return nil
 }
 
 // InstanceID names this instance: host, process id and a random suffix (a

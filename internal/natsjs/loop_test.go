@@ -1,0 +1,131 @@
+package natsjs
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/buildstate/buildstate/internal/testenv"
+)
+
+// TestLoopBeginsTheNextBatchFirst: with LoopOptions.Begin, the loop begins a
+// batch before it finishes the one before it (when messages are ready), in
+// order, finishes each once, acks every message once it finished, and
+// retries a batch whose finish failed with the Handler.
+func TestLoopBeginsTheNextBatchFirst(t *testing.T) {
+	url, _ := testenv.NATSWith(t, func(*server.Options) {})
+	nc, err := Connect(Client{URL: url}, "test", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if _, err := EnsureStream(ctx, js, "LOOP", "builds", 1); err != nil {
+		t.Fatal(err)
+	}
+	const total = 500
+	for i := range total {
+		if _, err := js.Publish(ctx, fmt.Sprintf("builds.p-%d.queued", i), []byte("x")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cons, err := EnsureConsumer(ctx, js, "LOOP", "loop", "builds", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var calls []string // "begin N", "finish N", "retry N", in order
+	seen := map[uint64]int{}
+	batches := 0
+	failed := false
+	runCtx, stop := context.WithCancel(ctx)
+	handler := func(_ context.Context, msgs []jetstream.Msg) error {
+		mu.Lock()
+		defer mu.Unlock()
+		calls = append(calls, "retry")
+		return nil
+	}
+	begin := func(_ context.Context, msgs []jetstream.Msg) func(context.Context) error {
+		mu.Lock()
+		batches++
+		n := batches
+		calls = append(calls, fmt.Sprintf("begin %d", n))
+		for _, m := range msgs {
+			md, _ := m.Metadata()
+			seen[md.Sequence.Stream]++
+		}
+		mu.Unlock()
+		return func(context.Context) error {
+			mu.Lock()
+			defer mu.Unlock()
+			calls = append(calls, fmt.Sprintf("finish %d", n))
+			if n == 2 && !failed {
+				failed = true
+				return errors.New("transient")
+			}
+			return nil
+		}
+	}
+	loop := NewLoop(cons, handler, LoopOptions{BatchSize: 50, Begin: begin, MaxBackoff: 100 * time.Millisecond})
+	done := make(chan error, 1)
+	go func() { done <- loop.Run(runCtx) }()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		info, err := cons.Info(ctx)
+		if err == nil && info.AckFloor.Stream == total {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("ack floor %v after 30 s; want %d", info.AckFloor.Stream, total)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	stop()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	for seq := uint64(1); seq <= total; seq++ {
+		if seen[seq] != 1 {
+			t.Errorf("message %d begun %d times; want once", seq, seen[seq])
+		}
+	}
+	// Every batch is finished after the next one began (the backlog was
+	// ready), but the last; finishes come in order; batch 2's failed finish
+	// is retried with the handler before batch 3 finishes.
+	pos := map[string]int{}
+	for i, c := range calls {
+		pos[c] = i
+	}
+	if _, ok := pos["begin 3"]; !ok {
+		t.Fatalf("calls %v; want at least 3 batches", calls)
+	}
+	overlapped := 0
+	for n := 1; n < batches; n++ {
+		f, b := pos[fmt.Sprintf("finish %d", n)], pos[fmt.Sprintf("begin %d", n+1)]
+		if b < f {
+			overlapped++
+		}
+		if n > 1 && pos[fmt.Sprintf("finish %d", n-1)] > f {
+			t.Errorf("batch %d finished before batch %d: %v", n, n-1, calls)
+		}
+	}
+	if overlapped < batches/2 {
+		t.Errorf("%d of %d batches began before the one before finished; want most (the backlog was ready): %v", overlapped, batches-1, calls)
+	}
+	if r, ok := pos["retry"]; !ok || r < pos["finish 2"] || r > pos["finish 3"] {
+		t.Errorf("calls %v; want batch 2's failed finish retried with the handler before batch 3 finishes", calls)
+	}
+}
