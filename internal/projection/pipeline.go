@@ -49,9 +49,10 @@ func (s *Store) Begin(ctx context.Context, f *Fence, msgs []Message) *Pending {
 	f.open = p
 	if prev != nil {
 		prev.next = p
-		if prev.again {
+		if prev.again || s.pool.Config().MaxConns < 2 {
 			// The batch before was not sent, so the memory lacks it: this
-			// one waits for it too.
+			// one waits for it too. Or the pool has one connection, which
+			// the batch before holds until it finishes.
 			return p
 		}
 	}
