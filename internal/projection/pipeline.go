@@ -22,6 +22,13 @@ import (
 // the memory, rolls N+1 back, and N+1's Finish applies it again as Apply
 // does. The caller finishes pendings in the order it began them, on one
 // goroutine (the fence's).
+//
+// Batch N+1's pipeline is sent only once batch N's compare-and-set has
+// answered (waitHead): two pipelines sent on two connections run in no
+// given order, and had N+1's taken the partition's row first, N's would
+// wait for N+1's commit while the client waits for N's results, until
+// Postgres ended N+1's session idle in transaction (5 s; measured at live
+// rates before this rule).
 type Pending struct {
 	s     *Store
 	f     *Fence
@@ -30,6 +37,11 @@ type Pending struct {
 	br    pgx.BatchResults
 	held  bool // the compare-and-set updated the partition's row
 	raced bool // a claim or id was there already (errRaced)
+	// head is how many statements come first, the compare-and-set last;
+	// waited says they were read (waitHead), headErr what that read got.
+	head    int
+	waited  bool
+	headErr error
 	res   Result
 	drops []droppedField
 	// again: nothing is in flight; Finish applies the batch as Apply does.
@@ -54,6 +66,9 @@ func (s *Store) Begin(ctx context.Context, f *Fence, msgs []Message) *Pending {
 			// one waits for it too. Or the pool has one connection, which
 			// the batch before holds until it finishes.
 			return p
+		}
+		if prev.waitHead(); prev.headErr != nil || !prev.held {
+			return p // the batch before will not commit: this one waits for it
 		}
 	}
 	if err := p.send(ctx); err != nil {
@@ -83,12 +98,39 @@ func (p *Pending) send(ctx context.Context) error {
 	}
 	wb := &pgx.Batch{}
 	p.held = true
-	s.queueHead(wb, s.opts.Gate && !gated, p.f, b.dec[len(b.dec)-1].Msg.Seq, &p.held)
+	p.head = s.queueHead(wb, s.opts.Gate && !gated, p.f, b.dec[len(b.dec)-1].Msg.Seq, &p.held)
 	s.queueWrite(wb, ch, nil, &p.raced)
 	p.tx, p.br = tx, tx.SendBatch(ctx, wb)
 	p.res, p.drops = res, drops
 	p.f.mem.Keep(part, projectsOf(b.dec))
 	return nil
+}
+
+// waitHead reads the results of the batch's first statements, up to its
+// compare-and-set (which then holds the partition's row until the batch
+// ends, if it held), once.
+func (p *Pending) waitHead() {
+	if p.waited {
+		return
+	}
+	p.waited = true
+	for range p.head - 1 {
+		if _, err := p.br.Exec(); err != nil {
+			p.headErr = err
+			return
+		}
+	}
+	rows, err := p.br.Query()
+	if err != nil {
+		p.headErr = err
+		return
+	}
+	p.held = false
+	for rows.Next() {
+		p.held = true
+	}
+	rows.Close()
+	p.headErr = rows.Err()
 }
 
 // Finish waits for the batch's writes and commits them, or applies the batch
@@ -102,7 +144,10 @@ func (p *Pending) Finish(ctx context.Context) (Result, error) {
 	if p.again {
 		return p.s.Apply(ctx, f, p.msgs)
 	}
-	err := p.br.Close()
+	err := p.headErr
+	if cerr := p.br.Close(); err == nil {
+		err = cerr
+	}
 	switch {
 	case err != nil:
 		err = fmt.Errorf("write: %w", err)

@@ -447,15 +447,17 @@ func projectsOf(dec []fold.Decoded) []string {
 // pipelined, its commit follows their results at once), so Postgres ends a
 // session idle in one for 5 s and its row locks go with it: an owner stopped
 // mid-transaction (SIGSTOP) does not keep the next owner's acquire waiting.
-func (s *Store) queueHead(b *pgx.Batch, gate bool, f *Fence, seq uint64, held *bool) {
+// It returns how many statements it queued (the compare-and-set last).
+func (s *Store) queueHead(b *pgx.Batch, gate bool, f *Fence, seq uint64, held *bool) int {
+	n := b.Len()
 	if gate {
 		b.Queue(`SELECT pg_advisory_xact_lock_shared($1::int4, $2::int4)`, gateClass, gateID)
 	}
-	if f == nil {
-		return
+	if f != nil {
+		b.Queue(`SELECT set_config('idle_in_transaction_session_timeout', '5s', true)`)
+		queueFence(b, f, seq, held)
 	}
-	b.Queue(`SELECT set_config('idle_in_transaction_session_timeout', '5s', true)`)
-	queueFence(b, f, seq, held)
+	return b.Len() - n
 }
 
 // foldInto folds the batch's messages, in order, into p (loaded with what
