@@ -42,8 +42,8 @@ type Pending struct {
 	head    int
 	waited  bool
 	headErr error
-	res   Result
-	drops []droppedField
+	res     Result
+	drops   []droppedField
 	// again: nothing is in flight; Finish applies the batch as Apply does.
 	again bool
 	next  *Pending // begun after this one while this one was open
