@@ -128,9 +128,10 @@ var ErrRedeliverLater = errors.New("redeliver later")
 var ErrGiveBack = errors.New("give the batch back")
 
 // Begin starts a batch and returns how to finish it (a Handler's first
-// attempt, split in two): the loop begins the next batch, if messages are
-// ready, before it finishes this one, so that the handler works on the next
-// batch while its store works on this one. The finish's error means what a
+// attempt, split in two): while a whole batch more is waiting (catching up),
+// the loop begins it before it finishes this one, so that the handler works
+// on the next batch while its store works on this one; otherwise (live) it
+// finishes each batch before it takes the next. The finish's error means what a
 // Handler's does; a transient one is retried with the Handler.
 type Begin func(ctx context.Context, msgs []jetstream.Msg) (finish func(context.Context) error)
 
@@ -224,13 +225,15 @@ func (l *Loop) Run(ctx context.Context) error {
 			if ctx.Err() != nil {
 				break // stop: only the batch in hand is finished (below)
 			}
-			// What is ready now, without waiting: if nothing is, the
-			// batch in hand is finished first.
-			if batch, open = l.takeReady(in); len(batch) == 0 && open {
+			// Overlap only while behind (a whole batch is waiting): else
+			// the batch in hand is finished first, and its rows are
+			// visible a batch sooner.
+			if len(in) < l.opts.BatchSize {
 				l.settle(ctx, held)
 				held = nil
 				continue
 			}
+			batch, open = l.takeReady(in)
 		} else {
 			batch, open = l.collect(ctx, in)
 		}

@@ -14,10 +14,11 @@ import (
 	"github.com/buildstate/buildstate/internal/testenv"
 )
 
-// TestLoopBeginsTheNextBatchFirst: with LoopOptions.Begin, the loop begins a
-// batch before it finishes the one before it (when messages are ready), in
-// order, finishes each once, acks every message once it finished, and
-// retries a batch whose finish failed with the Handler.
+// TestLoopBeginsTheNextBatchFirst: with LoopOptions.Begin, on a backlog (a
+// whole batch waiting) the loop begins a batch before it finishes the one
+// before it, finishes each once and in order, acks every message once it
+// finished, and retries a batch whose finish failed with the Handler; once
+// the backlog is gone it finishes each batch before taking the next.
 func TestLoopBeginsTheNextBatchFirst(t *testing.T) {
 	url, _ := testenv.NATSWith(t, func(*server.Options) {})
 	nc, err := Connect(Client{URL: url}, "test", nil)
@@ -66,6 +67,7 @@ func TestLoopBeginsTheNextBatchFirst(t *testing.T) {
 			seen[md.Sequence.Stream]++
 		}
 		mu.Unlock()
+		time.Sleep(20 * time.Millisecond) // the handler's work, while the next batch arrives
 		return func(context.Context) error {
 			mu.Lock()
 			defer mu.Unlock()
@@ -91,13 +93,35 @@ func TestLoopBeginsTheNextBatchFirst(t *testing.T) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+	// Live: messages one at a time after the backlog, a few arriving
+	// during each batch's work.
+	mu.Lock()
+	live := batches + 1 // the first batch past the backlog
+	mu.Unlock()
+	const trickle = 20
+	for i := range trickle {
+		if _, err := js.Publish(ctx, fmt.Sprintf("builds.live-%d.queued", i), []byte("x")); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	for {
+		info, err := cons.Info(ctx)
+		if err == nil && info.AckFloor.Stream == total+trickle {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("ack floor %v; want %d", info.AckFloor.Stream, total+trickle)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 	stop()
 	if err := <-done; err != nil {
 		t.Fatal(err)
 	}
 	mu.Lock()
 	defer mu.Unlock()
-	for seq := uint64(1); seq <= total; seq++ {
+	for seq := uint64(1); seq <= total+trickle; seq++ {
 		if seen[seq] != 1 {
 			t.Errorf("message %d begun %d times; want once", seq, seen[seq])
 		}
@@ -113,7 +137,7 @@ func TestLoopBeginsTheNextBatchFirst(t *testing.T) {
 		t.Fatalf("calls %v; want at least 3 batches", calls)
 	}
 	overlapped := 0
-	for n := 1; n < batches; n++ {
+	for n := 1; n < live-1; n++ {
 		f, b := pos[fmt.Sprintf("finish %d", n)], pos[fmt.Sprintf("begin %d", n+1)]
 		if b < f {
 			overlapped++
@@ -122,8 +146,17 @@ func TestLoopBeginsTheNextBatchFirst(t *testing.T) {
 			t.Errorf("batch %d finished before batch %d: %v", n, n-1, calls)
 		}
 	}
-	if overlapped < batches/2 {
-		t.Errorf("%d of %d batches began before the one before finished; want most (the backlog was ready): %v", overlapped, batches-1, calls)
+	if overlapped < (live-2)/2 {
+		t.Errorf("%d of %d backlog batches began before the one before finished; want most (the backlog was ready): %v", overlapped, live-2, calls)
+	}
+	// Past the backlog, each batch is finished before the next begins.
+	if batches < live+4 {
+		t.Fatalf("%d batches, the live ones from %d; want 5 live batches or more: %v", batches, live, calls)
+	}
+	for n := live; n < batches; n++ {
+		if pos[fmt.Sprintf("begin %d", n+1)] < pos[fmt.Sprintf("finish %d", n)] {
+			t.Errorf("live batch %d began before batch %d finished: %v", n+1, n, calls)
+		}
 	}
 	if r, ok := pos["retry"]; !ok || r < pos["finish 2"] || r > pos["finish 3"] {
 		t.Errorf("calls %v; want batch 2's failed finish retried with the handler before batch 3 finishes", calls)
