@@ -375,7 +375,7 @@ func (s *Store) applyOnce(ctx context.Context, b batch) (res Result, drops []dro
 // the projects it does not hold (misses), read with plain SELECTs, as the
 // fence is the only writer; without one, everything the batch names is read
 // under the advisory locks. gate takes the rebuild gate first, if anything
-// is read; gated reports whether it was taken.
+// is read; gated reports whether it was taken (if not, the caller takes it).
 func (s *Store) foldBatch(ctx context.Context, tx pgx.Tx, b batch, gate bool) (p *fold.Partition, res Result, drops []droppedField, ch fold.Changes, gated bool, err error) {
 	var mem *fold.Memory
 	if b.fence != nil {
@@ -396,7 +396,10 @@ func (s *Store) foldBatch(ctx context.Context, tx pgx.Tx, b batch, gate bool) (p
 			names[i] = b.dec[j]
 		}
 	}
-	st, sent, err := s.read(ctx, tx, names, gate, mem != nil)
+	// With nothing to read (a warm memory) the gate is left to the caller's
+	// next statements (Begin's pipeline): a round trip for it alone is a
+	// live batch's fifth.
+	st, sent, err := s.read(ctx, tx, names, gate && len(names) > 0, mem != nil)
 	gated = gate && sent
 	if err != nil {
 		return nil, Result{}, nil, fold.Changes{}, false, err
