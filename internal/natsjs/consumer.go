@@ -233,7 +233,7 @@ func (l *Loop) Run(ctx context.Context) error {
 				held = nil
 				continue
 			}
-			batch, open = l.takeReady(in)
+			batch, open = l.fill(in, nil)
 		} else {
 			batch, open = l.collect(ctx, in)
 		}
@@ -291,9 +291,9 @@ func (l *Loop) begin(ctx context.Context, batch []jetstream.Msg) *begun {
 
 func (l *Loop) settle(ctx context.Context, b *begun) { l.handle(ctx, b.batch, b.stopBeat, b.finish) }
 
-// takeReady takes what is ready in in, up to BatchSize, without waiting.
-func (l *Loop) takeReady(in <-chan jetstream.Msg) ([]jetstream.Msg, bool) {
-	var batch []jetstream.Msg
+// fill appends to batch what is ready in in, up to BatchSize, without
+// waiting; open is false once in is closed.
+func (l *Loop) fill(in <-chan jetstream.Msg, batch []jetstream.Msg) (_ []jetstream.Msg, open bool) {
 	for len(batch) < l.opts.BatchSize {
 		select {
 		case msg, ok := <-in:
@@ -327,18 +327,10 @@ func (l *Loop) collect(ctx context.Context, in <-chan jetstream.Msg) ([]jetstrea
 		defer t.Stop()
 		linger = t.C
 	}
-	for len(batch) < l.opts.BatchSize {
-		select {
-		case msg, ok := <-in:
-			if !ok {
-				return batch, false
-			}
-			batch = append(batch, msg)
-			continue
-		default:
-		}
-		if linger == nil {
-			return batch, true
+	for {
+		var open bool
+		if batch, open = l.fill(in, batch); !open || len(batch) >= l.opts.BatchSize || linger == nil {
+			return batch, open
 		}
 		select {
 		case msg, ok := <-in:
@@ -352,7 +344,6 @@ func (l *Loop) collect(ctx context.Context, in <-chan jetstream.Msg) ([]jetstrea
 			return batch, true
 		}
 	}
-	return batch, true
 }
 
 // handle runs the handler on a batch until it is settled (its first attempt

@@ -35,8 +35,7 @@ func TestPipelinedBatchesCommitInOrder(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		sum.Applied += res.Applied
-		sum.Redone += res.Redone
+		addResult(&sum, res)
 	}
 	for i := range batches {
 		var evs []events.Event

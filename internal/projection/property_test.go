@@ -736,13 +736,18 @@ func applyFenced(t *testing.T, s *projection.Store, ms []projection.Message, cut
 		if err != nil {
 			t.Fatalf("Apply(messages %d..%d) = %v", c[0], c[1], err)
 		}
-		sum.Applied += res.Applied
-		sum.Duplicates += res.Duplicates
-		sum.DeadLettered += res.DeadLettered
-		sum.Dropped += res.Dropped
-		sum.Redone += res.Redone
+		addResult(&sum, res)
 	}
 	return sum
+}
+
+// addResult adds r to sum.
+func addResult(sum *projection.Result, r projection.Result) {
+	sum.Applied += r.Applied
+	sum.Duplicates += r.Duplicates
+	sum.DeadLettered += r.DeadLettered
+	sum.Dropped += r.Dropped
+	sum.Redone += r.Redone
 }
 
 // applyPipelined is applyFenced (reacquire > 0) as the live writer applies:
@@ -766,11 +771,7 @@ func applyPipelined(t *testing.T, s *projection.Store, ms []projection.Message, 
 		if err != nil {
 			t.Fatalf("Finish(messages %d..%d) = %v", openCut[0], openCut[1], err)
 		}
-		sum.Applied += res.Applied
-		sum.Duplicates += res.Duplicates
-		sum.DeadLettered += res.DeadLettered
-		sum.Dropped += res.Dropped
-		sum.Redone += res.Redone
+		addResult(&sum, res)
 		open = nil
 	}
 	for i, c := range cuts {
