@@ -61,7 +61,7 @@ func (s *Store) Begin(ctx context.Context, f *Fence, msgs []Message) *Pending {
 	f.open = p
 	if prev != nil {
 		prev.next = p
-		if prev.again || s.pool.Config().MaxConns < 2 {
+		if prev.again || !s.overlap {
 			// The batch before was not sent, so the memory lacks it: this
 			// one waits for it too. Or the pool has one connection, which
 			// the batch before holds until it finishes.

@@ -93,6 +93,8 @@ type Options struct {
 type Store struct {
 	pool *pgxpool.Pool
 	opts Options
+	// overlap: the pool has room for two batches in flight (Begin).
+	overlap bool
 }
 
 // ConfigurePool sets what the store's connections need: a custom plan for
@@ -125,7 +127,7 @@ func New(pool *pgxpool.Pool, opts Options) *Store {
 	if opts.Logger == nil {
 		opts.Logger = zap.NewNop()
 	}
-	return &Store{pool: pool, opts: opts}
+	return &Store{pool: pool, opts: opts, overlap: pool.Config().MaxConns >= 2}
 }
 
 // Pool is the store's pool.
