@@ -42,6 +42,7 @@ type options struct {
 	projects       int
 	dupRate        float64
 	batch          int
+	partitions     int
 	linger         time.Duration
 	baselineEvents int
 	rate           int
@@ -89,6 +90,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	fs.IntVar(&o.projects, "projects", 20000, "catch-up backlog: projects")
 	fs.Float64Var(&o.dupRate, "dup-rate", 0.05, "catch-up backlog: exact duplicates, as a fraction of the distinct events")
 	fs.IntVar(&o.batch, "batch", 1000, "catch-up and scale: projector --batch")
+	fs.IntVar(&o.partitions, "partitions", 1, "the layout of the run's streams and projectors (projector --partitions; not profile)")
 	fs.DurationVar(&o.linger, "linger", 0, "catch-up and scale: projector --linger")
 	fs.IntVar(&o.baselineEvents, "baseline-events", 20000, "baseline: the first N events of the natural order (0: all)")
 	fs.IntVar(&o.rate, "rate", 5000, "live: events per second")
@@ -160,6 +162,13 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return err
 	}
 	defer env.Close()
+	env.Partitions = o.partitions
+	if o.partitions > 1 {
+		if cmd == "profile" {
+			return errors.New("--partitions: profile runs one in-process writer of layout p1")
+		}
+		fmt.Fprintf(stdout, "layout: p%d (the stream's subject transform is set before each backlog is published)\n", o.partitions)
+	}
 	if natsOnly {
 		fmt.Fprintf(stdout, "module: %s\n", env.Source)
 	} else {

@@ -13,6 +13,7 @@ import (
 
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 	"go.uber.org/zap"
 
 	"github.com/buildstate/buildstate/internal/fsm"
@@ -191,7 +192,15 @@ func openLog(c *common, log *zap.Logger) (replay.Log, *nats.Conn, error) {
 	if err != nil {
 		return replay.Log{}, nil, err
 	}
-	return replay.Log{JS: js, Stream: c.cfg.Stream, Prefix: c.cfg.Prefix}, nc, nil
+	lg := replay.Log{JS: js, Stream: c.cfg.Stream, Prefix: c.cfg.Prefix}
+	// A stream not there yet is read as p1; the command's own read says so.
+	if layout, err := natsjs.StreamLayout(context.Background(), js, c.cfg.Stream, c.cfg.Prefix); err == nil {
+		lg.Layout = layout
+	} else if !errors.Is(err, jetstream.ErrStreamNotFound) {
+		nc.Close()
+		return replay.Log{}, nil, err
+	}
+	return lg, nc, nil
 }
 
 // runStatusAt is `projector status PROJECT_ID --at T | --seq N`: the

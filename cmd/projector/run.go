@@ -179,6 +179,11 @@ func runProjector(ctx context.Context, args []string, getenv func(string) string
 	fs, c := newFlags("run", getenv, stderr)
 	fs.StringVar(&c.cfg.HTTPAddr, "http-addr", envOr(getenv, "PROJECTOR_HTTP_ADDR", ":9090"), "serve the status page (/, /projects/ID, /badge/ID.svg), /healthz, /readyz and /metrics here (env PROJECTOR_HTTP_ADDR; empty: none)")
 	fs.IntVar(&c.cfg.BatchSize, "batch", 1000, "most events per transaction")
+	partitions, err := strconv.Atoi(envOr(getenv, "PROJECTOR_PARTITIONS", "1"))
+	if err != nil {
+		return fmt.Errorf("PROJECTOR_PARTITIONS: %w", err)
+	}
+	fs.IntVar(&c.cfg.Partitions, "partitions", partitions, "the stream's partition count, chosen once per stream: 1 keeps subjects as published; n > 1 partitions them by project (a stream of 1 is switched at start; every projector of the stream must say the same) (env PROJECTOR_PARTITIONS)")
 	replicas, err := strconv.Atoi(envOr(getenv, "BUILDS_STREAM_REPLICAS", "1"))
 	if err != nil {
 		return fmt.Errorf("BUILDS_STREAM_REPLICAS: %w", err)

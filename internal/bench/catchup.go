@@ -113,11 +113,15 @@ func (e *Env) Catchup(ctx context.Context, b Backlog, cfg CatchupConfig) (Catchu
 	}
 	res.DatabaseURL = url
 	durable := "bench-" + randomSuffix()
-	cons, err := natsjs.EnsureConsumer(ctx, e.js, b.Stream.Name, durable, b.Stream.Prefix, nil)
+	conses, err := e.durables(ctx, b.Stream, durable)
+	defer func() {
+		for _, c := range conses {
+			_ = e.js.DeleteConsumer(context.WithoutCancel(ctx), b.Stream.Name, c.CachedInfo().Name)
+		}
+	}()
 	if err != nil {
 		return res, err
 	}
-	defer func() { _ = e.js.DeleteConsumer(context.WithoutCancel(ctx), b.Stream.Name, durable) }()
 
 	cpu0, err := SampleCPU()
 	if err != nil {
@@ -147,14 +151,18 @@ func (e *Env) Catchup(ctx context.Context, b Backlog, cfg CatchupConfig) (Catchu
 	start := procs[0].Started
 	wctx, cancel := context.WithTimeout(ctx, cfg.Timeout)
 	defer cancel()
-	firstAck, err := waitAcked(wctx, cons, b.LastSeq, procs)
+	firstAck, err := waitAcked(wctx, conses, b.LastSeq, procs)
 	if err != nil {
 		if wctx.Err() != nil && ctx.Err() == nil {
 			// Timed out: say how far it got.
-			if info, ierr := cons.Info(ctx); ierr == nil {
-				err = fmt.Errorf("%w: after %s, %d of %d messages acked (%.0f/s)", ErrTimeout, cfg.Timeout,
-					info.AckFloor.Stream, b.LastSeq, float64(info.AckFloor.Stream)/time.Since(start).Seconds())
+			var acked uint64
+			for _, c := range conses {
+				if info, ierr := c.Info(ctx); ierr == nil {
+					acked += info.Delivered.Stream - uint64(info.NumAckPending)
+				}
 			}
+			err = fmt.Errorf("%w: after %s, about %d of %d messages acked (%.0f/s)", ErrTimeout, cfg.Timeout,
+				acked, b.LastSeq, float64(acked)/time.Since(start).Seconds())
 		}
 		return res, err
 	}
@@ -206,21 +214,54 @@ func (e *Env) Catchup(ctx context.Context, b Backlog, cfg CatchupConfig) (Catchu
 	return res, nil
 }
 
-// waitAcked polls the consumer until every message up to lastSeq is acked
-// (ack floor at lastSeq, nothing pending or awaiting its ack) and returns
-// when the first ack was seen. It fails if a projector exits.
-func waitAcked(ctx context.Context, cons jetstream.Consumer, lastSeq uint64, procs []*Process) (time.Time, error) {
+// durables makes the projector's durables on s before it starts, so that
+// the run can watch them: the durable, and in a partitioned layout each
+// partition's (natsjs.PartitionConsumerConfig).
+func (e *Env) durables(ctx context.Context, s Stream, durable string) ([]jetstream.Consumer, error) {
+	cfgs := []jetstream.ConsumerConfig{natsjs.ConsumerConfig(durable, s.Prefix)}
+	for k := range s.Layout.N() {
+		if s.Layout.Partitioned() {
+			cfgs = append(cfgs, natsjs.PartitionConsumerConfig(durable, s.Prefix, s.Layout, k))
+		}
+	}
+	var out []jetstream.Consumer
+	for _, c := range cfgs {
+		cons, err := natsjs.EnsureConsumerConfig(ctx, e.js, s.Name, c, nil)
+		if err != nil {
+			return out, err
+		}
+		out = append(out, cons)
+	}
+	return out, nil
+}
+
+// waitAcked polls the consumers until every message up to lastSeq is acked
+// (nothing pending or awaiting its ack on any, and one's ack floor at
+// lastSeq) and returns when the first ack was seen. It fails if a projector
+// exits.
+func waitAcked(ctx context.Context, conses []jetstream.Consumer, lastSeq uint64, procs []*Process) (time.Time, error) {
 	var firstAck time.Time
 	for {
-		info, err := cons.Info(ctx)
+		var info *jetstream.ConsumerInfo
+		done, floor := true, uint64(0)
+		var err error
+		for _, cons := range conses {
+			info, err = cons.Info(ctx)
+			if err != nil {
+				done = false
+				break
+			}
+			floor = max(floor, info.AckFloor.Stream)
+			done = done && info.NumPending == 0 && info.NumAckPending == 0
+		}
 		if err != nil && ctx.Err() != nil {
 			return firstAck, fmt.Errorf("wait for acks: %w", ctx.Err())
 		}
 		if err == nil {
-			if firstAck.IsZero() && info.AckFloor.Stream > 0 {
+			if firstAck.IsZero() && floor > 0 {
 				firstAck = time.Now()
 			}
-			if info.AckFloor.Stream >= lastSeq && info.NumPending == 0 && info.NumAckPending == 0 {
+			if done && floor >= lastSeq {
 				if firstAck.IsZero() {
 					firstAck = time.Now()
 				}

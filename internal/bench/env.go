@@ -38,6 +38,10 @@ type Env struct {
 	Projector string // path of the built projector binary
 	Source    string // what it was built from
 	Log       io.Writer
+	// Partitions is the layout of the streams the run makes and of its
+	// projectors (events.Layout: 0 or 1 is p1; n > 1 puts the transform on
+	// each stream before its backlog is published).
+	Partitions int
 
 	nats *server.Server
 	pg   *devenv.Postgres

@@ -46,6 +46,9 @@ func (e *Env) StartProjector(cfg ProjectorConfig) (*Process, error) {
 	if cfg.Linger > 0 {
 		args = append(args, "--linger", cfg.Linger.String())
 	}
+	if cfg.Stream.Layout.Partitioned() {
+		args = append(args, "--partitions", strconv.Itoa(cfg.Stream.Layout.N()))
+	}
 	f, err := os.CreateTemp(e.Dir, "projector-*.log")
 	if err != nil {
 		return nil, fmt.Errorf("start projector: %w", err)

@@ -122,7 +122,7 @@ func (e *Env) Profile(ctx context.Context, b Backlog, cfg ProfileConfig) (Profil
 	}
 	defer func() { _ = e.js.DeleteConsumer(context.WithoutCancel(ctx), b.Stream.Name, durable) }()
 	store := projection.New(pool, projection.Options{Prefix: b.Stream.Prefix, Gate: true, Logger: zap.NewNop()})
-	w := projector.NewWriter(store, projector.NewTelemetry(), zap.NewNop(), "bench-profile")
+	w := projector.NewWriter(store, projector.NewTelemetry(), zap.NewNop(), "bench-profile", projection.LayoutP1, 0)
 	loop := natsjs.NewLoop(cons, w.Handle, natsjs.LoopOptions{BatchSize: cfg.Batch, Linger: cfg.Linger, Begin: w.Begin})
 
 	if cfg.CPUProfile != "" {
@@ -141,7 +141,7 @@ func (e *Env) Profile(ctx context.Context, b Backlog, cfg ProfileConfig) (Profil
 	loopDone := make(chan error, 1)
 	start := time.Now()
 	go pprof.Do(lctx, labels, func(lctx context.Context) { loopDone <- loop.Run(lctx) }) // owner: Profile, which waits for loopDone
-	_, werr := waitAcked(ctx, cons, b.LastSeq, nil)
+	_, werr := waitAcked(ctx, []jetstream.Consumer{cons}, b.LastSeq, nil)
 	res.Elapsed = time.Since(start)
 	stop()
 	if err := <-loopDone; err != nil && werr == nil {

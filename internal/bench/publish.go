@@ -68,13 +68,18 @@ func Messages(evs []events.Event, prefix string) ([]*nats.Msg, error) {
 // Stream is one stream of a run and its subject prefix.
 type Stream struct {
 	Name, Prefix string
+	Layout       events.Layout
 }
 
 // NewStream creates a stream (the projector's configuration) with a name
 // and prefix of its own.
 func (e *Env) NewStream(ctx context.Context, label string) (Stream, error) {
-	s := Stream{Name: "BENCH_" + label + "_" + randomSuffix(), Prefix: "bench" + label + randomSuffix()}
-	if _, err := natsjs.EnsureStream(ctx, e.js, s.Name, s.Prefix, 1); err != nil {
+	layout, err := events.LayoutOf(max(e.Partitions, 1))
+	if err != nil {
+		return Stream{}, err
+	}
+	s := Stream{Name: "BENCH_" + label + "_" + randomSuffix(), Prefix: "bench" + label + randomSuffix(), Layout: layout}
+	if _, _, err := natsjs.EnsureLayout(ctx, e.js, s.Name, s.Prefix, 1, layout, nil); err != nil {
 		return Stream{}, err
 	}
 	return s, nil

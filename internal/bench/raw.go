@@ -77,6 +77,9 @@ func (e *Env) Raw(ctx context.Context, b Backlog, cfg RawConfig) (RawResult, err
 		return res, fmt.Errorf("raw: jetstream: %w", err)
 	}
 	ccfg := natsjs.ConsumerConfig("bench-raw-"+randomSuffix(), b.Stream.Prefix)
+	if b.Stream.Layout.Partitioned() { // one durable over both subject forms
+		ccfg.FilterSubject, ccfg.FilterSubjects = "", b.Stream.Layout.Subjects(b.Stream.Prefix)
+	}
 	every := 1
 	if cfg.Ack == AckAll {
 		ccfg.AckPolicy, every = jetstream.AckAllPolicy, cfg.Batch
@@ -136,7 +139,7 @@ func DrainAcking(ctx context.Context, cons jetstream.Consumer, total, every int,
 	if err != nil {
 		return fmt.Errorf("consumer info: %w", err)
 	}
-	_, err = waitAcked(ctx, cons, info.Delivered.Stream, nil)
+	_, err = waitAcked(ctx, []jetstream.Consumer{cons}, info.Delivered.Stream, nil)
 	return err
 }
 

@@ -89,7 +89,7 @@ func TestSpikeTransform(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			_, js, _ := spikeServer(t)
 			ctx := context.Background()
-			cfg := natsjs.StreamConfig("BUILDS", "builds", 1)
+			cfg := natsjs.StreamConfig("BUILDS", "builds", 1, events.Layout{})
 			if _, err := js.CreateStream(ctx, cfg); err != nil {
 				t.Fatal(err)
 			}
@@ -160,7 +160,7 @@ func TestSpikeTransform(t *testing.T) {
 func spikeBacklog(t *testing.T, js jetstream.JetStream, transform bool) {
 	t.Helper()
 	ctx := context.Background()
-	cfg := natsjs.StreamConfig("BUILDS", "builds", 1)
+	cfg := natsjs.StreamConfig("BUILDS", "builds", 1, events.Layout{})
 	if transform {
 		cfg.SubjectTransform = &jetstream.SubjectTransformConfig{Source: "builds.*.*",
 			Destination: "{{partition(16,1)}}.builds.{{wildcard(1)}}.{{wildcard(2)}}"}
@@ -311,7 +311,7 @@ func drainPinned(t *testing.T, cons jetstream.Consumer, total uint64) float64 {
 func TestSpikePinnedFailover(t *testing.T) {
 	_, js, url := spikeServer(t)
 	ctx := context.Background()
-	if _, err := js.CreateStream(ctx, natsjs.StreamConfig("BUILDS", "builds", 1)); err != nil {
+	if _, err := js.CreateStream(ctx, natsjs.StreamConfig("BUILDS", "builds", 1, events.Layout{})); err != nil {
 		t.Fatal(err)
 	}
 	for _, ttl := range []time.Duration{2 * time.Second, 5 * time.Second} {

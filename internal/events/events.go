@@ -137,15 +137,27 @@ func Subject(prefix, projectID string, kind Kind) string {
 	return prefix + "." + projectID + "." + string(kind)
 }
 
-// ParseSubject splits a subject published under prefix into project id and kind.
+// ParseSubject splits a subject published under prefix into project id and
+// kind. It also reads the subject as a partitioned stream stores it
+// (Layout: p<n>.<k>.<prefix>.<project_id>.<kind>), if k is the project's
+// partition among n.
 func ParseSubject(prefix, subject string) (projectID string, kind Kind, err error) {
 	rest, ok := strings.CutPrefix(subject, prefix+".")
+	n, part := 0, 0
 	if !ok {
-		return "", "", invalid(ReasonBadSubject, "subject %q is not under prefix %q", subject, prefix)
+		var after string
+		n, part, after, ok = storedForm(subject)
+		if rest, ok = strings.CutPrefix(after, prefix+"."); !ok {
+			return "", "", invalid(ReasonBadSubject, "subject %q is not under prefix %q", subject, prefix)
+		}
 	}
 	projectID, k, ok := strings.Cut(rest, ".")
 	if !ok || strings.Contains(k, ".") {
 		return "", "", invalid(ReasonBadSubject, "subject %q is not <prefix>.<project_id>.<kind>", subject)
+	}
+	if n > 0 && Partition(projectID, n) != part {
+		return "", "", invalid(ReasonBadSubject, "subject %q is stored in partition %d of p%d, but project %q belongs to partition %d",
+			subject, part, n, projectID, Partition(projectID, n))
 	}
 	return projectID, Kind(k), nil
 }

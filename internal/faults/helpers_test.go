@@ -118,6 +118,12 @@ func distinctIDs(evs []events.Event) []string {
 // projector sees every duplicate.
 func (r *rig) publishEvents(t *testing.T, evs []events.Event) []projection.Message {
 	t.Helper()
+	return r.publishRaw(t, rawEvents(t, evs))
+}
+
+// rawEvents are evs as publishEvents sends them.
+func rawEvents(t *testing.T, evs []events.Event) []rawMsg {
+	t.Helper()
 	raw := make([]rawMsg, len(evs))
 	seen := map[string]bool{}
 	for i, ev := range evs {
@@ -131,7 +137,7 @@ func (r *rig) publishEvents(t *testing.T, evs []events.Event) []projection.Messa
 			raw[i].msgID = ev.ID
 		}
 	}
-	return r.publishRaw(t, raw)
+	return raw
 }
 
 type rawMsg struct {
@@ -381,7 +387,7 @@ type inProcess struct {
 
 // startInProcess runs projector.Run on r with JSON logs to a buffer and HTTP
 // on a random port, and returns once it consumes.
-func startInProcess(t *testing.T, r *rig, batch int) *inProcess {
+func startInProcess(t *testing.T, r *rig, batch int, change ...func(*projector.Config)) *inProcess {
 	t.Helper()
 	p := &inProcess{logs: &testenv.SyncBuffer{}, done: make(chan error, 1)}
 	enc := zap.NewProductionEncoderConfig()
@@ -393,6 +399,9 @@ func startInProcess(t *testing.T, r *rig, batch int) *inProcess {
 		DatabaseURL: r.dbURL, NATS: natsjs.Client{URL: r.natsURL}, Stream: stream, Prefix: prefix, Durable: durable,
 		HTTPAddr: "127.0.0.1:0", BatchSize: batch, Logger: log,
 		Ready: func(addr string) { ready <- addr },
+	}
+	for _, c := range change {
+		c(&cfg)
 	}
 	go func() { p.done <- projector.Run(ctx, cfg) }()
 	select {

@@ -12,6 +12,8 @@ import (
 	"github.com/cenkalti/backoff/v5"
 	"github.com/nats-io/nats.go/jetstream"
 	"go.uber.org/zap"
+
+	"github.com/buildstate/buildstate/internal/events"
 )
 
 // ConsumerConfig is the projector's durable pull consumer. It has one
@@ -33,6 +35,23 @@ func ConsumerConfig(durable, prefix string) jetstream.ConsumerConfig {
 		PriorityGroups: []string{PriorityGroup},
 		PinnedTTL:      PinnedTTL,
 	}
+}
+
+// PartitionConsumerConfig is the durable of partition k of a partitioned
+// layout, <durable>-p<n>-<k>: ConsumerConfig filtered to the partition's
+// stored subjects (events.Layout.Filter). The durable itself (ConsumerConfig)
+// goes on reading what the transform leaves alone: the messages stored
+// before the layout was switched, and strays.
+func PartitionConsumerConfig(durable, prefix string, layout events.Layout, k int) jetstream.ConsumerConfig {
+	c := ConsumerConfig(PartitionDurable(durable, layout, k), prefix)
+	c.Description = fmt.Sprintf("buildstate projector, partition %d of %s", k, layout.Name())
+	c.FilterSubject = layout.Filter(prefix, k)
+	return c
+}
+
+// PartitionDurable names partition k's durable.
+func PartitionDurable(durable string, layout events.Layout, k int) string {
+	return fmt.Sprintf("%s-%s-%d", durable, layout.Name(), k)
 }
 
 // PriorityGroup is the priority group of the projector's consumer; the loop
@@ -61,10 +80,16 @@ const AckWait = 10 * time.Second
 // durable, and the next start makes one from the start of the stream, all of
 // it duplicates: slower, nothing lost.
 func EnsureConsumer(ctx context.Context, js jetstream.JetStream, stream, durable, prefix string, log *zap.Logger) (jetstream.Consumer, error) {
+	return EnsureConsumerConfig(ctx, js, stream, ConsumerConfig(durable, prefix), log)
+}
+
+// EnsureConsumerConfig is EnsureConsumer for any of the projector's
+// consumer configurations (ConsumerConfig, PartitionConsumerConfig).
+func EnsureConsumerConfig(ctx context.Context, js jetstream.JetStream, stream string, want jetstream.ConsumerConfig, log *zap.Logger) (jetstream.Consumer, error) {
 	if log == nil {
 		log = zap.NewNop()
 	}
-	want := ConsumerConfig(durable, prefix)
+	durable := want.Durable
 	for attempt := 1; ; attempt++ {
 		c, err := ensureConsumer(ctx, js, stream, want, log)
 		if err == nil {

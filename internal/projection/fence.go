@@ -11,6 +11,7 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 	"go.uber.org/zap"
 
+	"github.com/buildstate/buildstate/internal/events"
 	"github.com/buildstate/buildstate/internal/fold"
 )
 
@@ -97,6 +98,10 @@ const storedProjectsSQL = `SELECT DISTINCT project_id FROM projector_builds`
 // own commits.
 func (s *Store) Acquire(ctx context.Context, layout string, partition int, owner string) (Fence, error) {
 	f := Fence{Layout: layout, Partition: partition}
+	l, err := events.ParseLayout(layout)
+	if err != nil {
+		return Fence{}, fmt.Errorf("acquire: %w", err)
+	}
 	for attempt := 1; ; attempt++ {
 		var applied int64
 		mem := fold.NewMemory(s.opts.Memory)
@@ -110,7 +115,9 @@ func (s *Store) Acquire(ctx context.Context, layout string, partition int, owner
 			rows, _ := tx.Query(ctx, storedProjectsSQL)
 			var project string
 			_, err := pgx.ForEachRow(rows, []any{&project}, func() error {
-				mem.InStore(project)
+				if events.Partition(project, l.N()) == partition { // the partition's own projects only
+					mem.InStore(project)
+				}
 				return nil
 			})
 			return err

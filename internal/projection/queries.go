@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+
+	"github.com/buildstate/buildstate/internal/events"
 )
 
 // ProjectRow is a projects row as stored.
@@ -161,27 +163,35 @@ const retryAcquires = 20
 func (s *Store) Retry(ctx context.Context, f DeadLetterFilter) (Result, error) {
 	var total Result
 	f.After, f.Limit = 0, retryChunk
-	var fence *Fence
+	layout, err := s.partitionedLayout(ctx)
+	if err != nil {
+		return total, fmt.Errorf("retry dead letters: %w", err)
+	}
+	fences := map[partitionKey]*Fence{}
 	acquires := 0
-	// applyOwned applies under the fence, acquiring it when it has none.
-	applyOwned := func(under *Store, msgs []Message, retries map[uint64]int) (Result, error) {
+	// applyOwned applies under the partition's fence, acquiring it when it has none.
+	applyOwned := func(under *Store, k partitionKey, msgs []Message, retries map[uint64]int) (Result, error) {
 		for {
-			if fence == nil {
+			if fences[k] == nil {
 				if acquires++; acquires > retryAcquires {
 					return Result{}, fmt.Errorf("the live projector took the partition back %d times; run it again", retryAcquires)
 				}
-				fc, err := s.Acquire(ctx, LayoutP1, 0, "dead-letters retry")
+				fc, err := s.Acquire(ctx, k.layout, k.partition, "dead-letters retry")
 				if err != nil {
 					return Result{}, err
 				}
-				fence = &fc
+				fences[k] = &fc
 			}
-			res, err := under.applyIsolating(ctx, fence, msgs, retries)
+			res, err := under.applyIsolating(ctx, fences[k], msgs, retries)
 			if !errors.Is(err, ErrFenced) {
 				return res, err
 			}
-			fence = nil
+			fences[k] = nil
 		}
+	}
+	type group struct {
+		prefix string
+		key    partitionKey
 	}
 	for {
 		dls, err := s.DeadLetters(ctx, f)
@@ -192,32 +202,68 @@ func (s *Store) Retry(ctx context.Context, f DeadLetterFilter) (Result, error) {
 			return total, nil
 		}
 		f.After = dls[len(dls)-1].StreamSeq
-		// One apply per prefix the letters were kept under.
-		byPrefix := map[string][]DeadLetter{}
-		var prefixes []string
+		// One apply per prefix the letters were kept under and partition
+		// they belong to.
+		byGroup := map[group][]DeadLetter{}
+		var groups []group
 		for _, d := range dls {
 			p := cmp.Or(d.Prefix, s.opts.Prefix)
-			if byPrefix[p] == nil {
-				prefixes = append(prefixes, p)
+			g := group{p, partitionOf(layout, p, d.RawSubject())}
+			if byGroup[g] == nil {
+				groups = append(groups, g)
 			}
-			byPrefix[p] = append(byPrefix[p], d)
+			byGroup[g] = append(byGroup[g], d)
 		}
-		for _, p := range prefixes {
+		for _, g := range groups {
 			under := *s
-			under.opts.Prefix = p
-			msgs := make([]Message, 0, len(byPrefix[p]))
+			under.opts.Prefix = g.prefix
+			msgs := make([]Message, 0, len(byGroup[g]))
 			retries := map[uint64]int{}
-			for _, d := range byPrefix[p] {
+			for _, d := range byGroup[g] {
 				msgs = append(msgs, Message{Seq: d.StreamSeq, Subject: d.RawSubject(), Data: d.Payload, StoredAt: d.StoredAt})
 				retries[d.StreamSeq] = d.Retries + 1
 			}
-			res, err := applyOwned(&under, msgs, retries)
+			res, err := applyOwned(&under, g.key, msgs, retries)
 			if err != nil {
 				return total, fmt.Errorf("retry dead letters: %w", err)
 			}
 			total.add(res)
 		}
 	}
+}
+
+// partitionKey names a row of projector_partitions.
+type partitionKey struct {
+	layout    string
+	partition int
+}
+
+// partitionOf is the partition whose writer holds the project a message
+// stored on subject names: in a partitioned layout the project's partition,
+// whichever form the subject is stored in (a message stored before the
+// layout was switched belongs to the same project's writer now); otherwise,
+// and for a subject naming no project, p1's one.
+func partitionOf(layout events.Layout, prefix, subject string) partitionKey {
+	if layout.Partitioned() {
+		if project, _, err := events.ParseSubject(prefix, subject); err == nil {
+			return partitionKey{layout.Name(), events.Partition(project, layout.N())}
+		}
+	}
+	return partitionKey{LayoutP1, 0}
+}
+
+// partitionedLayout is the partitioned layout projectors have written under
+// (a stream has at most one: natsjs.EnsureLayout), or p1.
+func (s *Store) partitionedLayout(ctx context.Context) (events.Layout, error) {
+	var name string
+	err := s.pool.QueryRow(ctx, `SELECT layout FROM projector_partitions WHERE layout <> $1 ORDER BY layout LIMIT 1`, LayoutP1).Scan(&name)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return events.Layout{Partitions: 1}, nil
+	}
+	if err != nil {
+		return events.Layout{}, fmt.Errorf("layout: %w", err)
+	}
+	return events.ParseLayout(name)
 }
 
 // StuckBuild is a build whose worker has not reported for too long.

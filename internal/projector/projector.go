@@ -4,6 +4,7 @@
 package projector
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -13,6 +14,7 @@ import (
 	"net/http"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -20,8 +22,10 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"go.uber.org/zap"
+	"golang.org/x/sync/errgroup"
 
 	"github.com/buildstate/buildstate/emitter"
+	"github.com/buildstate/buildstate/internal/events"
 	"github.com/buildstate/buildstate/internal/fold"
 	"github.com/buildstate/buildstate/internal/httpserve"
 	"github.com/buildstate/buildstate/internal/natsjs"
@@ -41,8 +45,14 @@ type Config struct {
 	HTTPAddr    string // "" serves no HTTP
 	BatchSize   int
 	Linger      time.Duration
-	// Memory bounds what the partition's owner keeps between batches
-	// (fold.Memory); zero fields take fold.DefaultLimits.
+	// Partitions is the stream's partition count (events.Layout; 0 or 1:
+	// one partition, the stream as published). With n > 1 the instance runs
+	// a writer for each of the n partitions' durables, besides the durable
+	// that reads what was stored before the layout was switched.
+	Partitions int
+	// Memory bounds what the partitions' owner keeps between batches
+	// (fold.Memory), for the instance: each of n partitions keeps 1/n of
+	// it. Zero fields take fold.DefaultLimits.
 	Memory fold.Limits
 	// Stuck are the limits of the buildstate_builds_stuck gauge and of the
 	// time-outs; StuckEvery is how often they are checked (default a minute).
@@ -139,25 +149,55 @@ func Run(ctx context.Context, cfg Config) error {
 	if err := MigratePool(ctx, pool); err != nil {
 		return err
 	}
+	layout, err := events.LayoutOf(max(cfg.Partitions, 1))
+	if err != nil {
+		return err
+	}
 	nc, js, err := natsjs.ConnectJetStream(cfg.NATS, "buildstate-projector", log)
 	if err != nil {
 		return err
 	}
 	defer nc.Close()
-	if _, err := natsjs.EnsureStream(ctx, js, cfg.Stream, cfg.Prefix, cfg.Replicas); err != nil {
+	if _, _, err := natsjs.EnsureLayout(ctx, js, cfg.Stream, cfg.Prefix, cfg.Replicas, layout, log); err != nil {
 		return err
 	}
+	// The durable reads the stream as published: all of it in layout p1;
+	// in a partitioned layout, what was stored before the switch and strays.
 	cons, err := natsjs.EnsureConsumer(ctx, js, cfg.Stream, cfg.Durable, cfg.Prefix, log)
 	if err != nil {
 		return err
 	}
 	tel := NewTelemetry()
-	store := projection.New(pool, projection.Options{Prefix: cfg.Prefix, Gate: true, Logger: log, Observer: tel, Memory: cfg.Memory})
+	mem := cfg.Memory
+	if layout.Partitioned() {
+		mem = fold.Limits{Projects: cmp.Or(mem.Projects, fold.DefaultLimits.Projects) / layout.N(),
+			IDs: cmp.Or(mem.IDs, fold.DefaultLimits.IDs) / layout.N()}
+	}
+	store := projection.New(pool, projection.Options{Prefix: cfg.Prefix, Gate: true, Logger: log, Observer: tel, Memory: mem})
 	owner := InstanceID()
-	w := NewWriter(store, tel, log, owner)
-	loop := natsjs.NewLoop(cons, w.Handle, natsjs.LoopOptions{
-		BatchSize: cfg.BatchSize, Linger: cfg.Linger, Logger: log, Begin: w.Begin,
-	})
+	rest := newPart(cons, NewWriter(store, tel, log, owner, projection.LayoutP1, 0), cfg, !layout.Partitioned())
+	parts := []*part{rest}
+	for k := range layout.N() {
+		if !layout.Partitioned() {
+			break
+		}
+		c, err := natsjs.EnsureConsumerConfig(ctx, js, cfg.Stream, natsjs.PartitionConsumerConfig(cfg.Durable, cfg.Prefix, layout, k), log)
+		if err != nil {
+			return err
+		}
+		// Partitions' writers share the pool: each has one batch in
+		// flight at a time, so none holds a connection while it waits
+		// for another.
+		parts = append(parts, newPart(c, NewWriter(store, tel, log, owner, layout.Name(), k), cfg, false))
+	}
+	ready := func() bool {
+		for _, p := range parts {
+			if p.running.Load() && !p.loop.Ready() {
+				return false
+			}
+		}
+		return true
+	}
 
 	var wg sync.WaitGroup
 	bg, stopBG := context.WithCancel(context.WithoutCancel(ctx))
@@ -170,7 +210,7 @@ func Run(ctx context.Context, cfg Config) error {
 		}
 		httpAddr = ln.Addr().String()
 		pages := web.New(web.Options{Store: store, Stats: tel.Stats, Stuck: cfg.Stuck, Logger: log})
-		srv := httpserve.New(routes(tel, loop.Ready, pool, nc, log, pages), log)
+		srv := httpserve.New(routes(tel, ready, pool, nc, log, pages), log)
 		wg.Add(2)
 		go func() {
 			defer wg.Done()
@@ -187,7 +227,7 @@ func Run(ctx context.Context, cfg Config) error {
 		}()
 	}
 	wg.Add(1)
-	go func() { defer wg.Done(); watchLag(bg, cons, tel, log) }()
+	go func() { defer wg.Done(); watchLag(bg, parts, tel, log) }()
 	var timeOuts *emitter.Publisher
 	if cfg.TimeOutStuck {
 		timeOuts = emitter.New(js, emitter.Options{Prefix: cfg.Prefix, Logger: log})
@@ -196,11 +236,11 @@ func Run(ctx context.Context, cfg Config) error {
 	go func() { defer wg.Done(); watchStuck(bg, store, timeOuts, cfg.Stuck, cfg.StuckEvery, tel, log) }()
 
 	log.Info("projector consuming", zap.String("stream", cfg.Stream), zap.String("durable", cfg.Durable), zap.String("instance", owner),
-		zap.String("http", httpAddr), zap.Int("batch", cfg.BatchSize), zap.Bool("time_out_stuck", cfg.TimeOutStuck))
+		zap.String("layout", layout.Name()), zap.String("http", httpAddr), zap.Int("batch", cfg.BatchSize), zap.Bool("time_out_stuck", cfg.TimeOutStuck))
 	if cfg.Ready != nil {
 		cfg.Ready(httpAddr)
 	}
-	if err := loop.Run(ctx); err != nil {
+	if err := runParts(ctx, rest, parts[1:], log); err != nil {
 		return err
 	}
 	// Acks are sent asynchronously: make sure they left before closing.
@@ -226,16 +266,25 @@ func Run(ctx context.Context, cfg Config) error {
 // applies one at once (the loop's retries). Both are called by one loop, one
 // batch at a time: the writer owns its fence.
 type Writer struct {
-	store *projection.Store
-	tel   *Telemetry
-	log   *zap.Logger
-	owner string // names the instance in projector_partitions and the logs
-	fence *projection.Fence
+	store     *projection.Store
+	tel       *Telemetry
+	log       *zap.Logger
+	owner     string // names the instance in projector_partitions and the logs
+	layout    string // the partition's row of projector_partitions
+	partition int
+	fence     *projection.Fence
+	held      float64 // what this writer adds to tel.Remembered
 }
 
-// NewWriter returns the partition's writer for the instance owner.
-func NewWriter(store *projection.Store, tel *Telemetry, log *zap.Logger, owner string) *Writer {
-	return &Writer{store: store, tel: tel, log: log, owner: owner}
+// NewWriter returns the writer of layout's partition for the instance owner.
+func NewWriter(store *projection.Store, tel *Telemetry, log *zap.Logger, owner, layout string, partition int) *Writer {
+	return &Writer{store: store, tel: tel, log: log, owner: owner, layout: layout, partition: partition}
+}
+
+// remembered sets this writer's share of the memory gauge.
+func (w *Writer) remembered(n float64) {
+	w.tel.Remembered.Add(n - w.held)
+	w.held = n
 }
 
 // Handle applies msgs under the writer's fence (natsjs.Handler).
@@ -280,13 +329,13 @@ func (w *Writer) acquired(ctx context.Context) (*projection.Fence, error) {
 	if w.fence != nil {
 		return w.fence, nil
 	}
-	f, err := w.store.Acquire(ctx, projection.LayoutP1, 0, w.owner)
+	f, err := w.store.Acquire(ctx, w.layout, w.partition, w.owner)
 	if err != nil {
 		return nil, err
 	}
 	w.fence = &f
 	w.tel.Acquired.Inc()
-	w.tel.Owned.Set(1)
+	w.tel.Owned.Inc()
 	w.log.Info("partition acquired", zap.String("layout", f.Layout), zap.Int("partition", f.Partition),
 		zap.Int64("epoch", f.Epoch), zap.Uint64("applied_seq", f.AppliedSeq), zap.String("owner", w.owner))
 	return w.fence, nil
@@ -299,12 +348,12 @@ func (w *Writer) settled(f *projection.Fence, n int, start time.Time, res projec
 	if errors.Is(err, projection.ErrFenced) {
 		w.tel.Fenced.Inc()
 		if w.fence == f {
-			w.tel.Owned.Set(0)
+			w.tel.Owned.Dec()
 			w.log.Warn("partition fenced: another instance acquired it; batch given back unacked",
 				zap.String("layout", f.Layout), zap.Int("partition", f.Partition),
 				zap.Int64("epoch", f.Epoch), zap.Int("messages", n), zap.String("owner", w.owner))
 			w.fence = nil
-			w.tel.Remembered.Set(0)
+			w.remembered(0)
 		}
 		return fmt.Errorf("%w: %w", natsjs.ErrGiveBack, err)
 	}
@@ -319,7 +368,7 @@ func (w *Writer) settled(f *projection.Fence, n int, start time.Time, res projec
 	w.tel.Duplicates.Add(float64(res.Duplicates))
 	w.tel.DeadLettered.Add(float64(res.DeadLettered))
 	w.tel.Redone.Add(float64(res.Redone))
-	w.tel.Remembered.Set(float64(f.Remembered()))
+	w.remembered(float64(f.Remembered()))
 	if res.DeadLettered > 0 {
 		w.log.Warn("dead-lettered messages", zap.Int("count", res.DeadLettered))
 	}
@@ -338,16 +387,26 @@ func InstanceID() string {
 	return fmt.Sprintf("%s/%d/%s", host, os.Getpid(), hex.EncodeToString(b[:]))
 }
 
-func watchLag(ctx context.Context, cons jetstream.Consumer, tel *Telemetry, log *zap.Logger) {
+func watchLag(ctx context.Context, parts []*part, tel *Telemetry, log *zap.Logger) {
 	t := time.NewTicker(2 * time.Second)
 	defer t.Stop()
 	for {
-		info, err := cons.Info(ctx)
+		var lag uint64
+		failed := false
+		for _, p := range parts {
+			info, err := p.cons.Info(ctx)
+			if err != nil {
+				failed = true
+				if ctx.Err() == nil {
+					log.Debug("consumer info", zap.Error(err))
+				}
+				continue
+			}
+			lag += info.NumPending + uint64(info.NumAckPending)
+		}
 		tel.sample(time.Now())
-		if err == nil {
-			tel.Lag.Set(float64(info.NumPending + uint64(info.NumAckPending)))
-		} else if ctx.Err() == nil {
-			log.Debug("consumer info", zap.Error(err))
+		if !failed {
+			tel.Lag.Set(float64(lag))
 		}
 		select {
 		case <-ctx.Done():
@@ -355,6 +414,58 @@ func watchLag(ctx context.Context, cons jetstream.Consumer, tel *Telemetry, log 
 		case <-t.C:
 		}
 	}
+}
+
+// part is one consumer and the loop that applies it with its writer.
+type part struct {
+	cons    jetstream.Consumer
+	loop    *natsjs.Loop
+	running atomic.Bool // its loop was started (readiness counts it)
+}
+
+func newPart(cons jetstream.Consumer, w *Writer, cfg Config, overlap bool) *part {
+	opts := natsjs.LoopOptions{BatchSize: cfg.BatchSize, Linger: cfg.Linger, Logger: cfg.Logger}
+	if overlap {
+		opts.Begin = w.Begin
+	}
+	return &part{cons: cons, loop: natsjs.NewLoop(cons, w.Handle, opts)}
+}
+
+// drainPoll is how often the partitions' start waits on the durable.
+const drainPoll = 250 * time.Millisecond
+
+// runParts runs the durable's loop and, once the durable has nothing
+// pending or unacknowledged, the partitions' loops, until ctx ends: a
+// project's messages stored before the layout was switched are applied
+// before any of its partition's, so its partition's writer is its only
+// writer from then on (after the switch the durable gets strays only, which
+// write no project's rows). It returns the first loop's error.
+func runParts(ctx context.Context, rest *part, parts []*part, log *zap.Logger) error {
+	g, gctx := errgroup.WithContext(ctx)
+	rest.running.Store(true)
+	g.Go(func() error { return rest.loop.Run(gctx) })
+	if len(parts) > 0 {
+		g.Go(func() error {
+			for {
+				info, err := rest.cons.Info(gctx)
+				if err == nil && info.NumPending == 0 && info.NumAckPending == 0 {
+					break
+				}
+				select {
+				case <-gctx.Done():
+					return nil
+				case <-time.After(drainPoll):
+				}
+			}
+			log.Info("partitions starting: the durable has applied what was stored before the layout", zap.Int("partitions", len(parts)))
+			for _, p := range parts {
+				p.running.Store(true)
+				g.Go(func() error { return p.loop.Run(gctx) })
+			}
+			return nil
+		})
+	}
+	return g.Wait()
 }
 
 // routes serves the probes and metrics. /readyz names what is not ready but

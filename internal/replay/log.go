@@ -9,6 +9,7 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/buildstate/buildstate/internal/events"
 	"github.com/buildstate/buildstate/internal/projection"
 )
 
@@ -24,6 +25,9 @@ type Log struct {
 	JS     jetstream.JetStream
 	Stream string
 	Prefix string
+	// Layout is the stream's (natsjs.StreamLayout): a partitioned stream
+	// holds its messages under two subject forms, both read. Zero: p1.
+	Layout events.Layout
 }
 
 // History is the extent of the stream.
@@ -102,11 +106,12 @@ func (h History) Check(allowTruncated bool) error {
 // Span selects the messages a read delivers: sequences in (From, To] under
 // Filter, stopping before the first message stored after Until.
 type Span struct {
-	Filter string    // subject filter; default "<prefix>.>"
-	From   uint64    // deliver sequences after From
-	To     uint64    // up to and including To
-	Until  time.Time // zero: no bound by time
-	Batch  int       // most messages per call of fn; default DefaultBatch
+	Filter  string    // subject filter; default: every message of the log (Layout.Subjects)
+	Filters []string  // more filters, read with Filter
+	From    uint64    // deliver sequences after From
+	To      uint64    // up to and including To
+	Until   time.Time // zero: no bound by time
+	Batch   int       // most messages per call of fn; default DefaultBatch
 }
 
 // Read delivers the messages of span to fn in batches, in stream order,
@@ -117,14 +122,18 @@ func (l Log) Read(ctx context.Context, span Span, fn func([]projection.Message) 
 	if span.To <= span.From {
 		return nil
 	}
-	if span.Filter == "" {
-		span.Filter = l.Prefix + ".>"
+	filters := span.Filters
+	if span.Filter != "" {
+		filters = append([]string{span.Filter}, filters...)
+	}
+	if len(filters) == 0 {
+		filters = l.Layout.Subjects(l.Prefix)
 	}
 	if span.Batch <= 0 {
 		span.Batch = DefaultBatch
 	}
 	cons, err := l.JS.OrderedConsumer(ctx, l.Stream, jetstream.OrderedConsumerConfig{
-		FilterSubjects:    []string{span.Filter},
+		FilterSubjects:    filters,
 		DeliverPolicy:     jetstream.DeliverByStartSequencePolicy,
 		OptStartSeq:       span.From + 1,
 		InactiveThreshold: time.Minute,

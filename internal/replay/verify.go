@@ -13,6 +13,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"go.uber.org/zap"
 
+	"github.com/buildstate/buildstate/internal/natsjs"
 	"github.com/buildstate/buildstate/internal/projection"
 )
 
@@ -90,14 +91,41 @@ func Verify(ctx context.Context, live *pgxpool.Pool, log Log, opts VerifyOptions
 	if err := h.Check(opts.AllowTruncated); err != nil {
 		return rep, fmt.Errorf("verify: %w", err)
 	}
-	cons, err := log.JS.Consumer(ctx, log.Stream, opts.Durable)
-	if err != nil {
-		return rep, fmt.Errorf("verify: durable consumer %q on %s: %w (has `projector run` consumed this stream with that --durable?)",
-			opts.Durable, log.Stream, err)
+	// The durable, and in a partitioned layout each partition's durable: the
+	// live model has applied the log once every one is caught up.
+	names := []string{opts.Durable}
+	for k := range log.Layout.N() {
+		if log.Layout.Partitioned() {
+			names = append(names, natsjs.PartitionDurable(opts.Durable, log.Layout, k))
+		}
 	}
-	through, err := caughtUp(ctx, cons, opts.Wait)
-	if err != nil {
-		return rep, fmt.Errorf("verify: %w", err)
+	var conses []jetstream.Consumer
+	for _, name := range names {
+		cons, err := log.JS.Consumer(ctx, log.Stream, name)
+		if err != nil {
+			return rep, fmt.Errorf("verify: durable consumer %q on %s: %w (has `projector run` consumed this stream with that --durable?)",
+				name, log.Stream, err)
+		}
+		conses = append(conses, cons)
+	}
+	// Caught up all at once: a pass over every durable in which none moved
+	// since the pass before (messages may arrive while one waits).
+	var through uint64
+	floors := make([]uint64, len(conses))
+	for pass := 0; ; pass++ {
+		moved := false
+		for i, cons := range conses {
+			at, err := caughtUp(ctx, cons, opts.Wait)
+			if err != nil {
+				return rep, fmt.Errorf("verify: %w", err)
+			}
+			moved = moved || at != floors[i]
+			floors[i] = at
+			through = max(through, at)
+		}
+		if len(conses) == 1 || (pass > 0 && !moved) {
+			break
+		}
 	}
 	rep.Through = through
 	sh, err := projection.OpenShadow(ctx, live, opts.Shadow, opts.Store)
@@ -118,8 +146,10 @@ func Verify(ctx context.Context, live *pgxpool.Pool, log Log, opts VerifyOptions
 	if err := sh.Drop(ctx); err != nil {
 		return rep, fmt.Errorf("verify: %w", err)
 	}
-	if info, err := cons.Info(ctx); err == nil {
-		rep.MovedTo = info.AckFloor.Stream
+	for _, cons := range conses {
+		if info, err := cons.Info(ctx); err == nil {
+			rep.MovedTo = max(rep.MovedTo, info.AckFloor.Stream)
+		}
 	}
 	if h, err := log.History(ctx); err == nil {
 		rep.StreamLast = h.Last

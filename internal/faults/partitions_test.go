@@ -1,0 +1,208 @@
+package faults
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/buildstate/buildstate/internal/events"
+	"github.com/buildstate/buildstate/internal/natsjs"
+	"github.com/buildstate/buildstate/internal/projection"
+	"github.com/buildstate/buildstate/internal/projector"
+	"github.com/buildstate/buildstate/internal/replay"
+)
+
+func str(s *string) string {
+	if s == nil {
+		return ""
+	}
+	return *s
+}
+
+// TestPartitionedLayout switches a stream of layout p1 that holds half a
+// backlog to four partitions while two projectors run on it, publishes the
+// other half, and checks: the server stores the new messages under
+// p4.<k>.builds.… with k = events.Partition of their project; the durable
+// applies what was stored before the switch, then each partition's writer
+// its partition; the rows equal the reference, every distinct id applied
+// once; each partition has its row in projector_partitions. A projector
+// asking for another count is refused and says which to use.
+func TestPartitionedLayout(t *testing.T) {
+	t.Parallel()
+	r := newRig(t)
+	evs := backlog(611, 1200)
+	raw := rawEvents(t, evs)
+	half := len(raw) / 2
+	before := r.publishRaw(t, raw[:half])
+
+	four := func(c *projector.Config) { c.Partitions = 4 }
+	ps := []*inProcess{startInProcess(t, r, 250, four), startInProcess(t, r, 250, four)}
+	after := r.publishRaw(t, raw[half:])
+	msgs := append(before, after...)
+	want := distinctIDs(evs)
+	ref := reference(t, msgs)
+
+	alive := func() error {
+		for _, p := range ps {
+			if err := p.alive(); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	start := time.Now()
+	names := []string{durable}
+	layout := events.Layout{Partitions: 4}
+	for k := range 4 {
+		names = append(names, natsjs.PartitionDurable(durable, layout, k))
+	}
+	r.waitDrainedAll(t, names, 3*time.Minute, alive)
+	t.Logf("drained %d messages in %v", len(msgs), time.Since(start).Round(time.Millisecond))
+
+	// Stored subjects: the server's partition is the Go one.
+	ctx := context.Background()
+	s, err := r.js.Stream(ctx, stream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, m := range []projectionMsg{{before[0].Seq, before[0].Subject}, {after[0].Seq, after[0].Subject}, {after[len(after)-1].Seq, after[len(after)-1].Subject}} {
+		raw, err := s.GetMsg(ctx, m.seq)
+		if err != nil {
+			t.Fatal(err)
+		}
+		wantSubject := m.subject
+		if m.seq > before[len(before)-1].Seq {
+			project, _, err := events.ParseSubject(prefix, m.subject)
+			if err != nil {
+				t.Fatal(err)
+			}
+			wantSubject = fmt.Sprintf("p4.%d.%s", events.Partition(project, 4), m.subject)
+		}
+		if raw.Subject != wantSubject {
+			t.Errorf("message %d stored as %q; want %q", m.seq, raw.Subject, wantSubject)
+		}
+	}
+
+	var applied float64
+	for i, p := range ps {
+		x := scrape(t, p.addr)
+		applied += metric(x, "buildstate_events_applied_total")
+		assertNoRetries(t, x)
+		t.Logf("projector %d: applied %v, acquired %v, fenced %v, owned %v", i+1, metric(x, "buildstate_events_applied_total"),
+			metric(x, "buildstate_partition_acquired_total"), metric(x, "buildstate_fenced_total"), metric(x, "buildstate_partition_owned"))
+		if err, took := p.stop(t); err != nil {
+			t.Errorf("projector %d: Run after stop = %v (%v); want nil", i+1, err, took)
+		}
+	}
+	if applied != float64(len(want)) {
+		t.Errorf("the projectors applied %v events in all; want %d, each distinct id once", applied, len(want))
+	}
+	assertSameModel(t, r.dbURL, ref, want)
+	if m := readModel(t, r.dbURL); m.deadLetters != 0 {
+		t.Errorf("%d dead letters; want 0", m.deadLetters)
+	}
+	pool := openPool(t, r.dbURL)
+	rows, err := projection.New(pool, projection.Options{Prefix: prefix}).Partitions(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, row := range rows {
+		got = append(got, fmt.Sprintf("%s/%d", row.Layout, row.Partition))
+		if row.Epoch < 1 || row.AppliedSeq < 1 {
+			t.Errorf("partition row %+v: want an epoch and a checkpoint", row)
+		}
+	}
+	if strings.Join(got, " ") != "p1/0 p4/0 p4/1 p4/2 p4/3" {
+		t.Errorf("projector_partitions rows %v; want p1/0 and p4/0..3", got)
+	}
+
+	// Replay reads both subject forms: verify finds the live rows equal to a
+	// replay of the whole log, and a project's view at the end of the log
+	// (status --at) is its row.
+	lg := replay.Log{JS: r.js, Stream: stream, Prefix: prefix}
+	if lg.Layout, err = natsjs.StreamLayout(ctx, r.js, stream, prefix); err != nil || lg.Layout.N() != 4 {
+		t.Fatalf("StreamLayout = %v, %v; want p4", lg.Layout, err)
+	}
+	rep, err := replay.Verify(ctx, pool, lg, replay.VerifyOptions{Durable: durable, Store: projection.Options{Prefix: prefix}})
+	if err != nil || !rep.OK() || rep.Through != msgs[len(msgs)-1].Seq {
+		var b strings.Builder
+		rep.Write(&b)
+		t.Errorf("verify: %v, through %d of %d\n%s", err, rep.Through, msgs[len(msgs)-1].Seq, b.String())
+	}
+	project := evs[len(evs)-1].ProjectID
+	view, err := replay.ProjectAt(ctx, lg, project, replay.At{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var live string
+	if err := pool.QueryRow(ctx, `SELECT coalesce(current_build_id, '') FROM projects WHERE project_id = $1`, project).Scan(&live); err != nil {
+		t.Fatal(err)
+	}
+	if view.View.Row == nil || view.Counts.Applied == 0 || str(view.View.Row.CurrentBuildID) != live {
+		t.Errorf("status --at of %s: %+v; want its live current build %q", project, view, live)
+	}
+
+	// Another count on this stream is refused before anything runs.
+	rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	err = projector.Run(rctx, projector.Config{DatabaseURL: r.dbURL, NATS: natsjs.Client{URL: r.natsURL},
+		Stream: stream, Prefix: prefix, Durable: durable, Partitions: 2})
+	if !errors.Is(err, natsjs.ErrLayout) || !strings.Contains(err.Error(), "--partitions 4") {
+		t.Errorf("projector with --partitions 2 on a p4 stream: %v; want ErrLayout naming --partitions 4", err)
+	}
+	for _, n := range []int{1, 0} {
+		err = projector.Run(rctx, projector.Config{DatabaseURL: r.dbURL, NATS: natsjs.Client{URL: r.natsURL},
+			Stream: stream, Prefix: prefix, Durable: durable, Partitions: n})
+		if !errors.Is(err, natsjs.ErrLayout) {
+			t.Errorf("projector with --partitions %d on a p4 stream: %v; want ErrLayout", n, err)
+		}
+	}
+}
+
+type projectionMsg struct {
+	seq     uint64
+	subject string
+}
+
+// waitDrainedAll waits until every named durable has nothing pending,
+// awaiting an ack or redelivered.
+func (r *rig) waitDrainedAll(t *testing.T, names []string, timeout time.Duration, alive func() error) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		var busy []string
+		for _, name := range names {
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			var info *jetstream.ConsumerInfo
+			c, err := r.js.Consumer(ctx, stream, name)
+			if err == nil {
+				info, err = c.Info(ctx)
+			}
+			cancel()
+			switch {
+			case err != nil:
+				busy = append(busy, fmt.Sprintf("%s: %v", name, err))
+			case info.NumPending != 0 || info.NumAckPending != 0 || info.NumRedelivered != 0:
+				busy = append(busy, fmt.Sprintf("%s: pending %d, ack pending %d, redelivered %d", name, info.NumPending, info.NumAckPending, info.NumRedelivered))
+			}
+		}
+		if len(busy) == 0 {
+			return
+		}
+		if alive != nil {
+			if err := alive(); err != nil {
+				t.Fatalf("projector stopped before the backlog drained: %v", err)
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("backlog not drained in %s: %s", timeout, strings.Join(busy, "; "))
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
