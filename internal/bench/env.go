@@ -251,7 +251,11 @@ func (e *Env) Close() {
 			fmt.Fprintf(e.Log, "bench: %v\n", err)
 		}
 	}
-	_ = os.RemoveAll(e.Dir)
+	if os.Getenv("BENCH_KEEP_DIR") == "" {
+		_ = os.RemoveAll(e.Dir)
+	} else {
+		fmt.Fprintf(e.Log, "bench: kept %s (BENCH_KEEP_DIR)\n", e.Dir)
+	}
 }
 
 func randomSuffix() string {

@@ -77,8 +77,10 @@ func (e *Env) Raw(ctx context.Context, b Backlog, cfg RawConfig) (RawResult, err
 		return res, fmt.Errorf("raw: jetstream: %w", err)
 	}
 	ccfg := natsjs.ConsumerConfig("bench-raw-"+randomSuffix(), b.Stream.Prefix)
-	if b.Stream.Layout.Partitioned() { // one durable over both subject forms
-		ccfg.FilterSubject, ccfg.FilterSubjects = "", b.Stream.Layout.Subjects(b.Stream.Prefix)
+	if b.Stream.Layout.Partitioned() {
+		// One durable over the whole stream, unfiltered: the fastest read
+		// of it (two filters, one a subject form, cost the server more).
+		ccfg.FilterSubject = ""
 	}
 	every := 1
 	if cfg.Ack == AckAll {

@@ -1,6 +1,7 @@
 package natsjs
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -166,6 +167,7 @@ type LoopOptions struct {
 	// retries.
 	Begin       Begin
 	BatchSize   int           // most messages per handler call, default 1000
+	Buffer      int           // messages the client keeps pulled ahead (nats.go PullMaxMessages), default 2·BatchSize
 	Linger      time.Duration // how long to wait to fill a batch once a message is in hand, default 0
 	MaxBackoff  time.Duration // cap of the retry backoff, default 5s
 	NakDelay    time.Duration // delay of ErrRedeliverLater redelivery, default 5s
@@ -211,7 +213,7 @@ func (l *Loop) Ready() bool { return l.ready.Load() }
 // If the consumer is deleted under it, it does the same and returns an error.
 func (l *Loop) Run(ctx context.Context) error {
 	it, err := l.cons.Messages(
-		jetstream.PullMaxMessages(2*l.opts.BatchSize),
+		jetstream.PullMaxMessages(cmp.Or(l.opts.Buffer, 2*l.opts.BatchSize)),
 		jetstream.WithMessagesErrOnMissingHeartbeat(false),
 		jetstream.PullPriorityGroup(PriorityGroup),
 	)
