@@ -14,7 +14,6 @@ import (
 	"net/http"
 	"os"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -22,7 +21,6 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"go.uber.org/zap"
-	"golang.org/x/sync/errgroup"
 
 	"github.com/buildstate/buildstate/emitter"
 	"github.com/buildstate/buildstate/internal/events"
@@ -180,30 +178,33 @@ func Run(ctx context.Context, cfg Config) error {
 	// connections, so that a batch is folded only when it can be written
 	// soon (each one in flight holds its messages, fold and statements).
 	slots := make(chan struct{}, max(int(pool.Config().MaxConns), 1))
-	parts := []*part{rest}
-	for k := range layout.N() {
-		if !layout.Partitioned() {
-			break
+	var ps *partitions
+	var group *natsjs.Group
+	ready := rest.loop.Ready
+	if layout.Partitioned() {
+		ps = &partitions{layout: layout, cfg: cfg, js: js, log: log, newWriter: func(k int) *Writer {
+			// The writers share the pool: each has one batch in flight at a
+			// time, so none holds a connection while it waits for another.
+			w := NewWriter(store, tel, log, owner, layout.Name(), k)
+			w.slots = slots
+			return w
+		}}
+		for k := range layout.N() {
+			c, err := natsjs.EnsureConsumerConfig(ctx, js, cfg.Stream, natsjs.PartitionConsumerConfig(cfg.Durable, cfg.Prefix, layout, k), log)
+			if err != nil {
+				return err
+			}
+			ps.cons = append(ps.cons, c)
 		}
-		c, err := natsjs.EnsureConsumerConfig(ctx, js, cfg.Stream, natsjs.PartitionConsumerConfig(cfg.Durable, cfg.Prefix, layout, k), log)
-		if err != nil {
+		if group, err = natsjs.JoinGroup(ctx, js, cfg.Durable, owner, log); err != nil {
 			return err
 		}
-		// Partitions' writers share the pool: each has one batch in
-		// flight at a time, so none holds a connection while it waits
-		// for another.
-		w := NewWriter(store, tel, log, owner, layout.Name(), k)
-		w.slots = slots
-		p := newPart(c, w, cfg, false, partitionBuffer(cfg.BatchSize, layout.N()))
-		parts = append(parts, p)
-	}
-	ready := func() bool {
-		for _, p := range parts {
-			if p.running.Load() && !p.loop.Ready() {
-				return false
-			}
-		}
-		return true
+		defer func() {
+			lctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
+			defer cancel()
+			group.Leave(lctx)
+		}()
+		ready = func() bool { return rest.loop.Ready() && ps.ready() }
 	}
 
 	var wg sync.WaitGroup
@@ -234,7 +235,11 @@ func Run(ctx context.Context, cfg Config) error {
 		}()
 	}
 	wg.Add(1)
-	go func() { defer wg.Done(); watchLag(bg, parts, tel, log) }()
+	lagged := []jetstream.Consumer{cons}
+	if ps != nil {
+		lagged = append(lagged, ps.cons...)
+	}
+	go func() { defer wg.Done(); watchLag(bg, lagged, tel, log) }()
 	var timeOuts *emitter.Publisher
 	if cfg.TimeOutStuck {
 		timeOuts = emitter.New(js, emitter.Options{Prefix: cfg.Prefix, Logger: log})
@@ -247,7 +252,7 @@ func Run(ctx context.Context, cfg Config) error {
 	if cfg.Ready != nil {
 		cfg.Ready(httpAddr)
 	}
-	if err := runParts(ctx, rest, parts[1:], log); err != nil {
+	if err := runParts(ctx, rest, ps, group, log); err != nil {
 		return err
 	}
 	// Acks are sent asynchronously: make sure they left before closing.
@@ -357,6 +362,16 @@ func (w *Writer) acquired(ctx context.Context) (*projection.Fence, error) {
 	return w.fence, nil
 }
 
+// release drops the writer's fence, if it holds one (its partition's loop
+// has stopped).
+func (w *Writer) release() {
+	if w.fence != nil {
+		w.tel.Owned.Dec()
+		w.fence = nil
+	}
+	w.remembered(0)
+}
+
 // settled counts what a batch applied under f did, and turns its error into
 // the loop's: fenced (the fence is dropped, if it is still the writer's)
 // gives the batch back, retries exhausted redeliver it later.
@@ -403,14 +418,14 @@ func InstanceID() string {
 	return fmt.Sprintf("%s/%d/%s", host, os.Getpid(), hex.EncodeToString(b[:]))
 }
 
-func watchLag(ctx context.Context, parts []*part, tel *Telemetry, log *zap.Logger) {
+func watchLag(ctx context.Context, conses []jetstream.Consumer, tel *Telemetry, log *zap.Logger) {
 	t := time.NewTicker(2 * time.Second)
 	defer t.Stop()
 	for {
 		var lag uint64
 		failed := false
-		for _, p := range parts {
-			info, err := p.cons.Info(ctx)
+		for _, c := range conses {
+			info, err := c.Info(ctx)
 			if err != nil {
 				failed = true
 				if ctx.Err() == nil {
@@ -434,9 +449,8 @@ func watchLag(ctx context.Context, parts []*part, tel *Telemetry, log *zap.Logge
 
 // part is one consumer and the loop that applies it with its writer.
 type part struct {
-	cons    jetstream.Consumer
-	loop    *natsjs.Loop
-	running atomic.Bool // its loop was started (readiness counts it)
+	cons jetstream.Consumer
+	loop *natsjs.Loop
 }
 
 func newPart(cons jetstream.Consumer, w *Writer, cfg Config, overlap bool, buffer int) *part {
@@ -459,40 +473,6 @@ func partitionBuffer(batch, n int) int {
 
 // drainPoll is how often the partitions' start waits on the durable.
 const drainPoll = 250 * time.Millisecond
-
-// runParts runs the durable's loop and, once the durable has nothing
-// pending or unacknowledged, the partitions' loops, until ctx ends: a
-// project's messages stored before the layout was switched are applied
-// before any of its partition's, so its partition's writer is its only
-// writer from then on (after the switch the durable gets strays only, which
-// write no project's rows). It returns the first loop's error.
-func runParts(ctx context.Context, rest *part, parts []*part, log *zap.Logger) error {
-	g, gctx := errgroup.WithContext(ctx)
-	rest.running.Store(true)
-	g.Go(func() error { return rest.loop.Run(gctx) })
-	if len(parts) > 0 {
-		g.Go(func() error {
-			for {
-				info, err := rest.cons.Info(gctx)
-				if err == nil && info.NumPending == 0 && info.NumAckPending == 0 {
-					break
-				}
-				select {
-				case <-gctx.Done():
-					return nil
-				case <-time.After(drainPoll):
-				}
-			}
-			log.Info("partitions starting: the durable has applied what was stored before the layout", zap.Int("partitions", len(parts)))
-			for _, p := range parts {
-				p.running.Store(true)
-				g.Go(func() error { return p.loop.Run(gctx) })
-			}
-			return nil
-		})
-	}
-	return g.Wait()
-}
 
 // routes serves the probes and metrics. /readyz names what is not ready but
 // not why in detail: a Postgres error holds its user, host and port, so it
