@@ -375,7 +375,15 @@ func (b *bencher) printCatchup(label string, r bench.CatchupResult) {
 		label, r.Instances, r.Events, r.Elapsed.Seconds(), r.EventsPerSec(), r.FirstAck.Seconds(),
 		float64(r.Events)/(r.Elapsed-r.FirstAck).Seconds())
 	for i, u := range r.Usage {
-		b.printf("    projector %d: peak RSS %s, CPU %.1f s\n", i+1, bench.MiB(u.PeakRSS), u.CPU.Seconds())
+		share := ""
+		if i < len(r.Shares) {
+			s := r.Shares[i]
+			share = fmt.Sprintf("; applied %d events (%.0f/s over the run)", s.Applied, float64(s.Applied)/r.Elapsed.Seconds())
+			if s.Partitions != nil {
+				share += fmt.Sprintf(", partitions %v", s.Partitions)
+			}
+		}
+		b.printf("    projector %d: peak RSS %s, CPU %.1f s%s\n", i+1, bench.MiB(u.PeakRSS), u.CPU.Seconds(), share)
 	}
 	secs := r.Elapsed.Seconds()
 	b.printf("    CPU during the run (cores): machine %.2f of %d; projectors %.2f, Postgres backends of this database %.2f, all postgres processes %.2f, bench (NATS) %.2f; load before %.2f\n",

@@ -71,6 +71,7 @@ type CatchupResult struct {
 	Elapsed      time.Duration // from the first process start until every message is acked
 	FirstAck     time.Duration // from the first process start until the first ack (start-up)
 	Usage        []Usage       // per process, read just before SIGTERM
+	Shares       []Share       // per process: what it applied, its partitions
 	MachineCores float64       // busy CPU of the whole machine during the run, in cores
 	BackendCPU   time.Duration // CPU of the Postgres backends serving the run's database
 	ServerCPU    time.Duration // CPU of every postgres process (all databases, background work)
@@ -83,6 +84,12 @@ type CatchupResult struct {
 	DatabaseURL  string
 	Batches      Batches // over all the processes (MeanSeconds: of the first)
 	Activity     Activity
+}
+
+// Share is what one process of a run did.
+type Share struct {
+	Applied    int   // distinct events it applied (buildstate_events_applied_total)
+	Partitions []int // the partitions it was given last (partitioned layouts)
 }
 
 // EventsPerSec is the catch-up rate.
@@ -183,6 +190,12 @@ func (e *Env) Catchup(ctx context.Context, b Backlog, cfg CatchupConfig) (Catchu
 		res.BackendCPU = CPUOf(pids)
 	}
 	for i, p := range procs {
+		var share Share
+		if m, err := p.Metrics(); err == nil {
+			share.Applied = int(m["buildstate_events_applied_total"])
+		}
+		share.Partitions = p.Assigned()
+		res.Shares = append(res.Shares, share)
 		if bs, err := p.Batches(); err == nil {
 			res.Batches.Count += bs.Count
 			res.Batches.WriteRetries += bs.WriteRetries

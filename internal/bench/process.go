@@ -3,6 +3,7 @@ package bench
 import (
 	"bufio"
 	"bytes"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
@@ -233,6 +234,30 @@ func (p *Process) WarnLines() (int, string) {
 		}
 	}
 	return n, first
+}
+
+// Assigned is the partitions the process's last "partitions assigned" log
+// line gave it (nil in layout p1, or before any).
+func (p *Process) Assigned() []int {
+	b, err := os.ReadFile(p.logPath)
+	if err != nil {
+		return nil
+	}
+	var last []int
+	sc := bufio.NewScanner(bytes.NewReader(b))
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		if !strings.Contains(sc.Text(), `"msg":"partitions assigned"`) {
+			continue
+		}
+		var l struct {
+			Partitions []int `json:"partitions"`
+		}
+		if json.Unmarshal(sc.Bytes(), &l) == nil {
+			last = l.Partitions
+		}
+	}
+	return last
 }
 
 // ProcUsage reads a process's memory (VmHWM, VmRSS) and CPU time from /proc.
