@@ -380,7 +380,7 @@ func (b *bencher) printCatchup(label string, r bench.CatchupResult) {
 			s := r.Shares[i]
 			share = fmt.Sprintf("; applied %d events (%.0f/s over the run)", s.Applied, float64(s.Applied)/r.Elapsed.Seconds())
 			if s.Partitions != nil {
-				share += fmt.Sprintf(", partitions %v", s.Partitions)
+				share += fmt.Sprintf(", partitions %v (%d acquires, %d batches fenced)", s.Partitions, s.Acquired, s.Fenced)
 			}
 		}
 		b.printf("    projector %d: peak RSS %s, CPU %.1f s%s\n", i+1, bench.MiB(u.PeakRSS), u.CPU.Seconds(), share)

@@ -90,6 +90,8 @@ type CatchupResult struct {
 type Share struct {
 	Applied    int   // distinct events it applied (buildstate_events_applied_total)
 	Partitions []int // the partitions it was given last (partitioned layouts)
+	Acquired   int   // partition acquires (buildstate_partition_acquired_total)
+	Fenced     int   // batches fenced (buildstate_fenced_total)
 }
 
 // EventsPerSec is the catch-up rate.
@@ -189,13 +191,17 @@ func (e *Env) Catchup(ctx context.Context, b Backlog, cfg CatchupConfig) (Catchu
 	if pids, err := BackendPIDs(ctx, url); err == nil {
 		res.BackendCPU = CPUOf(pids)
 	}
-	for i, p := range procs {
+	for _, p := range procs { // all before any stops (a stop moves its partitions)
 		var share Share
 		if m, err := p.Metrics(); err == nil {
 			share.Applied = int(m["buildstate_events_applied_total"])
+			share.Fenced = int(m["buildstate_fenced_total"])
+			share.Acquired = int(m["buildstate_partition_acquired_total"])
 		}
 		share.Partitions = p.Assigned()
 		res.Shares = append(res.Shares, share)
+	}
+	for i, p := range procs {
 		if bs, err := p.Batches(); err == nil {
 			res.Batches.Count += bs.Count
 			res.Batches.WriteRetries += bs.WriteRetries

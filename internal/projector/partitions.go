@@ -30,6 +30,7 @@ type partitions struct {
 	cfg       Config
 	js        jetstream.JetStream
 	log       *zap.Logger
+	slots     chan struct{} // the partitions' loops take turns (natsjs.LoopOptions.Slots)
 
 	mu      sync.Mutex
 	running map[int]*running
@@ -71,46 +72,65 @@ func (ps *partitions) owned() []int {
 func (ps *partitions) run(ctx context.Context, group *natsjs.Group) error {
 	ps.running = map[int]*running{}
 	errc := make(chan error, 1)
-	defer ps.stop(slices.Collect(func(yield func(int) bool) {
-		for _, k := range ps.owned() {
-			if !yield(k) {
-				return
-			}
+	defer func() { ps.stop(ps.owned()) }()
+	// Instances started together see each other within a refresh: the
+	// first assignment waits for that, so that the first to start does not
+	// take every partition only to hand most of them over at once.
+	settled := time.After(time.Until(group.Joined().Add(natsjs.MemberRefresh + natsjs.MemberRefresh/2)))
+	var pending []string
+	for pending == nil {
+		select {
+		case <-ctx.Done():
+			return nil
+		case pending = <-group.Members():
 		}
-	}))
+	}
 	for {
+		var members []string
 		select {
 		case <-ctx.Done():
 			return nil
 		case err := <-errc:
 			return err
-		case members := <-group.Members():
-			want := natsjs.Assign(ps.layout.N(), members, group.Self())
-			var gone []int
-			for _, k := range ps.owned() {
-				if !slices.Contains(want, k) {
-					gone = append(gone, k)
-				}
+		case m := <-group.Members():
+			if settled != nil {
+				pending = m
+				continue
 			}
-			ps.stop(gone)
-			for _, k := range want {
-				ps.mu.Lock()
-				_, on := ps.running[k]
-				ps.mu.Unlock()
-				if !on {
-					ps.start(ctx, k, errc)
-				}
-			}
-			ps.log.Info("partitions assigned", zap.String("layout", ps.layout.Name()), zap.Int("members", len(members)),
-				zap.Ints("partitions", want), zap.Ints("given_up", gone))
+			members = m
+		case <-settled:
+			settled, members = nil, pending
+		}
+		ps.assign(ctx, group.Self(), members, errc)
+	}
+}
+
+// assign runs the partitions members give self, and stops the others.
+func (ps *partitions) assign(ctx context.Context, self string, members []string, errc chan<- error) {
+	want := natsjs.Assign(ps.layout.N(), members, self)
+	var gone []int
+	for _, k := range ps.owned() {
+		if !slices.Contains(want, k) {
+			gone = append(gone, k)
 		}
 	}
+	ps.stop(gone)
+	for _, k := range want {
+		ps.mu.Lock()
+		_, on := ps.running[k]
+		ps.mu.Unlock()
+		if !on {
+			ps.start(ctx, k, errc)
+		}
+	}
+	ps.log.Info("partitions assigned", zap.String("layout", ps.layout.Name()), zap.Int("members", len(members)),
+		zap.Ints("partitions", want), zap.Ints("given_up", gone))
 }
 
 func (ps *partitions) start(ctx context.Context, k int, errc chan<- error) {
 	kctx, cancel := context.WithCancel(ctx)
 	w := ps.newWriter(k)
-	r := &running{p: newPart(ps.cons[k], w, ps.cfg, false, partitionBuffer(ps.cfg.BatchSize, ps.layout.N())),
+	r := &running{p: newPart(ps.cons[k], w, ps.cfg, false, partitionBuffer(ps.cfg.BatchSize, ps.layout.N()), ps.slots),
 		w: w, cancel: cancel, done: make(chan struct{})}
 	ps.mu.Lock()
 	ps.running[k] = r

@@ -173,7 +173,7 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	store := projection.New(pool, projection.Options{Prefix: cfg.Prefix, Gate: true, Logger: log, Observer: tel, Memory: mem})
 	owner := InstanceID()
-	rest := newPart(cons, NewWriter(store, tel, log, owner, projection.LayoutP1, 0), cfg, !layout.Partitioned(), 0)
+	rest := newPart(cons, NewWriter(store, tel, log, owner, projection.LayoutP1, 0), cfg, !layout.Partitioned(), 0, nil)
 	// Partitions' batches in flight at once: as many as the pool has
 	// connections, so that a batch is folded only when it can be written
 	// soon (each one in flight holds its messages, fold and statements).
@@ -182,12 +182,10 @@ func Run(ctx context.Context, cfg Config) error {
 	var group *natsjs.Group
 	ready := rest.loop.Ready
 	if layout.Partitioned() {
-		ps = &partitions{layout: layout, cfg: cfg, js: js, log: log, newWriter: func(k int) *Writer {
-			// The writers share the pool: each has one batch in flight at a
-			// time, so none holds a connection while it waits for another.
-			w := NewWriter(store, tel, log, owner, layout.Name(), k)
-			w.slots = slots
-			return w
+		// The writers share the pool: each has one batch in flight at a
+		// time, so none holds a connection while it waits for another.
+		ps = &partitions{layout: layout, cfg: cfg, js: js, log: log, slots: slots, newWriter: func(k int) *Writer {
+			return NewWriter(store, tel, log, owner, layout.Name(), k)
 		}}
 		for k := range layout.N() {
 			c, err := natsjs.EnsureConsumerConfig(ctx, js, cfg.Stream, natsjs.PartitionConsumerConfig(cfg.Durable, cfg.Prefix, layout, k), log)
@@ -285,8 +283,7 @@ type Writer struct {
 	layout    string // the partition's row of projector_partitions
 	partition int
 	fence     *projection.Fence
-	held      float64       // what this writer adds to tel.Remembered
-	slots     chan struct{} // if set, shared by the instance's writers: one is taken while a batch is applied (Handle)
+	held      float64 // what this writer adds to tel.Remembered
 }
 
 // NewWriter returns the writer of layout's partition for the instance owner.
@@ -302,14 +299,6 @@ func (w *Writer) remembered(n float64) {
 
 // Handle applies msgs under the writer's fence (natsjs.Handler).
 func (w *Writer) Handle(ctx context.Context, msgs []jetstream.Msg) error {
-	if w.slots != nil {
-		select {
-		case w.slots <- struct{}{}:
-			defer func() { <-w.slots }()
-		case <-ctx.Done():
-			return ctx.Err()
-		}
-	}
 	f, err := w.acquired(ctx)
 	if err != nil {
 		return err
@@ -453,8 +442,8 @@ type part struct {
 	loop *natsjs.Loop
 }
 
-func newPart(cons jetstream.Consumer, w *Writer, cfg Config, overlap bool, buffer int) *part {
-	opts := natsjs.LoopOptions{BatchSize: cfg.BatchSize, Linger: cfg.Linger, Logger: cfg.Logger, Buffer: buffer}
+func newPart(cons jetstream.Consumer, w *Writer, cfg Config, overlap bool, buffer int, slots chan struct{}) *part {
+	opts := natsjs.LoopOptions{BatchSize: cfg.BatchSize, Linger: cfg.Linger, Logger: cfg.Logger, Buffer: buffer, Slots: slots}
 	if overlap {
 		opts.Begin = w.Begin
 	}
@@ -463,12 +452,12 @@ func newPart(cons jetstream.Consumer, w *Writer, cfg Config, overlap bool, buffe
 
 // partitionBuffer is how many messages each of n partitions' loops keeps
 // pulled ahead in the client, besides the batch it collects: the instance's
-// 2·batch shared out, but at least 100 (measured, docs/performance.md: at
+// 2·batch shared out, but at least 250 (measured, docs/performance.md: at
 // 16 partitions 2·batch each gave 410 MiB peak RSS at 100,000 projects,
 // this 351 MiB at the same rate; a smaller collect as well, 248 MiB at half
 // the rate).
 func partitionBuffer(batch, n int) int {
-	return max(2*batch/n, 100)
+	return max(2*batch/n, 250)
 }
 
 // drainPoll is how often the partitions' start waits on the durable.
