@@ -73,10 +73,11 @@ func (ps *partitions) run(ctx context.Context, group *natsjs.Group) error {
 	ps.running = map[int]*running{}
 	errc := make(chan error, 1)
 	defer func() { ps.stop(ps.owned()) }()
-	// Instances started together see each other within a refresh: the
-	// first assignment waits for that, so that the first to start does not
-	// take every partition only to hand most of them over at once.
-	settled := time.After(time.Until(group.Joined().Add(natsjs.MemberRefresh + natsjs.MemberRefresh/2)))
+	// Instances started together see each other's first put at once (the
+	// watch is live): the first assignment waits firstAssignment after the
+	// join, so that of instances started within it the first does not take
+	// every partition only to hand most of them over.
+	settled := time.After(time.Until(group.Joined().Add(firstAssignment)))
 	var pending []string
 	for pending == nil {
 		select {
@@ -104,6 +105,10 @@ func (ps *partitions) run(ctx context.Context, group *natsjs.Group) error {
 		ps.assign(ctx, group.Self(), members, errc)
 	}
 }
+
+// firstAssignment is how long after joining an instance takes its first
+// partitions (a single instance's start-up pays it once).
+const firstAssignment = 500 * time.Millisecond
 
 // assign runs the partitions members give self, and stops the others.
 func (ps *partitions) assign(ctx context.Context, self string, members []string, errc chan<- error) {
