@@ -125,17 +125,18 @@ func (ps *partitions) assign(ctx context.Context, self string, members []string,
 		_, on := ps.running[k]
 		ps.mu.Unlock()
 		if !on {
-			ps.start(ctx, k, errc)
+			ps.start(ctx, k, len(want), errc)
 		}
 	}
 	ps.log.Info("partitions assigned", zap.String("layout", ps.layout.Name()), zap.Int("members", len(members)),
 		zap.Ints("partitions", want), zap.Ints("given_up", gone))
 }
 
-func (ps *partitions) start(ctx context.Context, k int, errc chan<- error) {
+// start runs partition k, one of the share this instance was given.
+func (ps *partitions) start(ctx context.Context, k, share int, errc chan<- error) {
 	kctx, cancel := context.WithCancel(ctx)
 	w := ps.newWriter(k)
-	r := &running{p: newPart(ps.cons[k], w, ps.cfg, false, partitionBuffer(ps.cfg.BatchSize, ps.layout.N()), ps.slots),
+	r := &running{p: newPart(ps.cons[k], w, ps.cfg, false, partitionBuffer(ps.cfg.BatchSize, share), ps.slots),
 		w: w, cancel: cancel, done: make(chan struct{})}
 	ps.mu.Lock()
 	ps.running[k] = r
