@@ -47,6 +47,46 @@ func owners(t *testing.T, pool *pgxpool.Pool, layout events.Layout) map[int]stri
 	return out
 }
 
+// twoOnFour is a backlog on a stream of four partitions and two projector
+// processes sharing it (--batch 20: slow enough to act in the middle).
+type twoOnFour struct {
+	r      *rig
+	layout events.Layout
+	names  []string
+	want   []string
+	ref    string
+	pool   *pgxpool.Pool
+	ps     []*proc
+	ids    []string
+}
+
+func newTwoOnFour(t *testing.T, seed int64) twoOnFour {
+	t.Helper()
+	bin := projectorBinary(t)
+	g := twoOnFour{r: newRig(t)}
+	g.layout, g.names = g.r.partitioned(t, 4)
+	evs := backlog(seed, 1400)
+	msgs := g.r.publishEvents(t, evs)
+	g.want, g.ref = distinctIDs(evs), reference(t, msgs)
+	g.pool = openPool(t, g.r.dbURL)
+	for range 2 {
+		p := startBinary(t, bin, g.r, "--batch", "20", "--partitions", "4")
+		g.ps, g.ids = append(g.ps, p), append(g.ids, p.instance(t))
+	}
+	return g
+}
+
+// ownsAll says whether owner holds every partition of layout.
+func ownsAll(t *testing.T, pool *pgxpool.Pool, layout events.Layout, owner string) bool {
+	o := owners(t, pool, layout)
+	for k := range layout.N() {
+		if o[k] != owner {
+			return false
+		}
+	}
+	return true
+}
+
 // TestGroupOfThreeSharesThePartitions runs three projectors on a stream of
 // eight partitions holding a backlog: each applies a share (none is a
 // standby), every distinct id is applied once in all, the partitions'
@@ -173,17 +213,8 @@ func TestGroupJoinAndLeaveDuringBacklog(t *testing.T) {
 // issue's target is 10 s).
 func TestGroupKilledOwner(t *testing.T) {
 	t.Parallel()
-	bin := projectorBinary(t)
-	r := newRig(t)
-	layout, names := r.partitioned(t, 4)
-	evs := backlog(903, 1400)
-	msgs := r.publishEvents(t, evs)
-	want := distinctIDs(evs)
-	ref := reference(t, msgs)
-	pool := openPool(t, r.dbURL)
-
-	ps := []*proc{startBinary(t, bin, r, "--batch", "20", "--partitions", "4"), startBinary(t, bin, r, "--batch", "20", "--partitions", "4")}
-	ids := []string{ps[0].instance(t), ps[1].instance(t)}
+	g := newTwoOnFour(t, 903)
+	r, layout, names, want, ref, pool, ps, ids := g.r, g.layout, g.names, g.want, g.ref, g.pool, g.ps, g.ids
 	waitFor(t, 2*time.Minute, "both own partitions", func() bool {
 		o := owners(t, pool, layout)
 		vals := slices.Collect(func(yield func(string) bool) {
@@ -200,15 +231,7 @@ func TestGroupKilledOwner(t *testing.T) {
 	}
 	ps[0].signal(t, syscall.SIGKILL, 10*time.Second)
 	killed := time.Now()
-	waitFor(t, time.Minute, "the survivor owns every partition", func() bool {
-		o := owners(t, pool, layout)
-		for k := range 4 {
-			if o[k] != ids[1] {
-				return false
-			}
-		}
-		return true
-	})
+	waitFor(t, time.Minute, "the survivor owns every partition", func() bool { return ownsAll(t, pool, layout, ids[1]) })
 	took := time.Since(killed)
 	n := countApplied(t, r.dbURL)
 	waitFor(t, time.Minute, "the survivor applies", func() bool { return countApplied(t, r.dbURL) > n || n == len(want) })
@@ -235,17 +258,8 @@ func TestGroupKilledOwner(t *testing.T) {
 // the reference.
 func TestGroupPausedOwnerCommitsNothing(t *testing.T) {
 	t.Parallel()
-	bin := projectorBinary(t)
-	r := newRig(t)
-	layout, names := r.partitioned(t, 4)
-	evs := backlog(904, 1400)
-	msgs := r.publishEvents(t, evs)
-	want := distinctIDs(evs)
-	ref := reference(t, msgs)
-	pool := openPool(t, r.dbURL)
-
-	ps := []*proc{startBinary(t, bin, r, "--batch", "20", "--partitions", "4"), startBinary(t, bin, r, "--batch", "20", "--partitions", "4")}
-	ids := []string{ps[0].instance(t), ps[1].instance(t)}
+	g := newTwoOnFour(t, 904)
+	r, layout, names, want, ref, pool, ps, ids := g.r, g.layout, g.names, g.want, g.ref, g.pool, g.ps, g.ids
 	addrs := []string{ps[0].httpAddr(t), ps[1].httpAddr(t)}
 	waitFor(t, 2*time.Minute, "the first owns a partition", func() bool {
 		for _, o := range owners(t, pool, layout) {
@@ -259,15 +273,7 @@ func TestGroupPausedOwnerCommitsNothing(t *testing.T) {
 		t.Fatal(err)
 	}
 	paused := time.Now()
-	waitFor(t, time.Minute, "the other owns every partition", func() bool {
-		o := owners(t, pool, layout)
-		for k := range 4 {
-			if o[k] != ids[1] {
-				return false
-			}
-		}
-		return true
-	})
+	waitFor(t, time.Minute, "the other owns every partition", func() bool { return ownsAll(t, pool, layout, ids[1]) })
 	t.Logf("paused; the other owned all 4 partitions %v later", time.Since(paused).Round(10*time.Millisecond))
 	if n := countApplied(t, r.dbURL); n >= len(want) {
 		t.Fatalf("the whole backlog was applied while paused; the test proves nothing")

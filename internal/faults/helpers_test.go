@@ -330,32 +330,7 @@ func (r *rig) consumerInfo(t *testing.T) *jetstream.ConsumerInfo {
 // is delivered and acked.
 func (r *rig) waitDrained(t *testing.T, timeout time.Duration, alive func() error) {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		var info *jetstream.ConsumerInfo
-		c, err := r.js.Consumer(ctx, stream, durable)
-		if err == nil {
-			info, err = c.Info(ctx)
-		}
-		cancel()
-		if err == nil && info.NumPending == 0 && info.NumAckPending == 0 && info.NumRedelivered == 0 {
-			return
-		}
-		if alive != nil {
-			if err := alive(); err != nil {
-				t.Fatalf("projector stopped before the backlog drained: %v", err)
-			}
-		}
-		if time.Now().After(deadline) {
-			if info != nil {
-				t.Fatalf("backlog not drained in %s: pending %d, ack pending %d, redelivered %d",
-					timeout, info.NumPending, info.NumAckPending, info.NumRedelivered)
-			}
-			t.Fatalf("backlog not drained in %s: %v", timeout, err)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	r.waitDrainedAll(t, []string{durable}, timeout, alive)
 }
 
 // countApplied counts projector_applied rows (0 before the schema exists).
