@@ -35,14 +35,7 @@ func severalProjectors(t *testing.T, n int, seed int64) {
 	for range n {
 		ps = append(ps, startInProcess(t, r, 250))
 	}
-	alive := func() error {
-		for _, p := range ps {
-			if err := p.alive(); err != nil {
-				return err
-			}
-		}
-		return nil
-	}
+	alive := allAlive(ps)
 	start := time.Now()
 	r.waitDrained(t, 3*time.Minute, alive)
 	t.Logf("%d projectors drained %d messages in %v", n, len(msgs), time.Since(start).Round(time.Millisecond))

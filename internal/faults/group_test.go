@@ -106,14 +106,7 @@ func TestGroupOfThreeSharesThePartitions(t *testing.T) {
 	for range 3 {
 		ps = append(ps, startInProcess(t, r, 100, eight))
 	}
-	r.waitDrainedAll(t, names, 3*time.Minute, func() error {
-		for _, p := range ps {
-			if err := p.alive(); err != nil {
-				return err
-			}
-		}
-		return nil
-	})
+	r.waitDrainedAll(t, names, 3*time.Minute, allAlive(ps))
 	var applied float64
 	for i, p := range ps {
 		x := scrape(t, p.addr)

@@ -390,6 +390,18 @@ func startInProcess(t *testing.T, r *rig, batch int, change ...func(*projector.C
 	return p
 }
 
+// allAlive returns an error once any of ps has returned from Run.
+func allAlive(ps []*inProcess) func() error {
+	return func() error {
+		for _, p := range ps {
+			if err := p.alive(); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+}
+
 // alive returns an error once Run has returned.
 func (p *inProcess) alive() error {
 	if p.exited {

@@ -47,14 +47,7 @@ func TestPartitionedLayout(t *testing.T) {
 	want := distinctIDs(evs)
 	ref := reference(t, msgs)
 
-	alive := func() error {
-		for _, p := range ps {
-			if err := p.alive(); err != nil {
-				return err
-			}
-		}
-		return nil
-	}
+	alive := allAlive(ps)
 	start := time.Now()
 	names := []string{durable}
 	layout := events.Layout{Partitions: 4}
