@@ -2,6 +2,7 @@ package natsjs_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"testing"
@@ -10,6 +11,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/buildstate/buildstate/internal/events"
 	"github.com/buildstate/buildstate/internal/natsjs"
 	"github.com/buildstate/buildstate/internal/testenv"
 )
@@ -134,4 +136,40 @@ func TestGroupMembership(t *testing.T) {
 	c.Stop()
 	took := wait(a, []string{"a"}, 3*natsjs.MemberTTL)
 	t.Logf("a saw c's key expire %v after c stopped refreshing (TTL %v)", took.Round(10*time.Millisecond), natsjs.MemberTTL)
+}
+
+// The projector's EnsureLayout partitions a stream; the publishers' and the
+// demo's EnsureStream keeps its layout; another count is refused.
+func TestEnsureStreamKeepsTheLayout(t *testing.T) {
+	t.Parallel()
+	url, _ := testenv.NATS(t)
+	nc, err := nats.Connect(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if _, err := natsjs.EnsureStream(ctx, js, "BUILDS", "builds", 1); err != nil {
+		t.Fatal(err)
+	}
+	p4 := events.Layout{Partitions: 4}
+	if _, switched, err := natsjs.EnsureLayout(ctx, js, "BUILDS", "builds", 1, p4, nil); err != nil || !switched {
+		t.Fatalf("EnsureLayout p1 → p4 = %v, switched %v", err, switched)
+	}
+	if _, err := natsjs.EnsureStream(ctx, js, "BUILDS", "builds", 1); err != nil {
+		t.Fatal(err)
+	}
+	if l, err := natsjs.StreamLayout(ctx, js, "BUILDS", "builds"); err != nil || l != p4 {
+		t.Errorf("layout after EnsureStream = %v, %v; want p4 kept", l, err)
+	}
+	if _, _, err := natsjs.EnsureLayout(ctx, js, "BUILDS", "builds", 1, events.Layout{Partitions: 8}, nil); !errors.Is(err, natsjs.ErrLayout) {
+		t.Errorf("EnsureLayout p4 → p8 = %v; want ErrLayout", err)
+	}
+	if _, switched, err := natsjs.EnsureLayout(ctx, js, "BUILDS", "builds", 1, p4, nil); err != nil || switched {
+		t.Errorf("EnsureLayout p4 again = %v, switched %v; want no change", err, switched)
+	}
 }
