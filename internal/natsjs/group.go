@@ -40,7 +40,6 @@ type Group struct {
 	log     *zap.Logger
 	updates chan []string
 	joined  time.Time
-	done    chan struct{}
 	cancel  context.CancelFunc
 	wg      sync.WaitGroup
 }
@@ -77,7 +76,7 @@ func JoinGroup(ctx context.Context, js jetstream.JetStream, durable, self string
 	if err != nil {
 		return nil, fmt.Errorf("group %s: members bucket: %w", durable, err)
 	}
-	g := &Group{kv: kv, self: self, key: keySafe(self), log: log, updates: make(chan []string, 1), done: make(chan struct{}), joined: time.Now()}
+	g := &Group{kv: kv, self: self, key: keySafe(self), log: log, updates: make(chan []string, 1), joined: time.Now()}
 	if _, err := kv.Put(ctx, g.key, []byte(self)); err != nil {
 		return nil, fmt.Errorf("group %s: join: %w", durable, err)
 	}

@@ -87,16 +87,7 @@ func TestAssignIsRendezvous(t *testing.T) {
 // by the others through the bucket.
 func TestGroupMembership(t *testing.T) {
 	t.Parallel()
-	url, _ := testenv.NATS(t)
-	nc, err := nats.Connect(url)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close()
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
+	js := jetStream(t)
 	ctx := context.Background()
 	join := func(name string) *natsjs.Group {
 		g, err := natsjs.JoinGroup(ctx, js, "projector", name, nil)
@@ -142,16 +133,7 @@ func TestGroupMembership(t *testing.T) {
 // demo's EnsureStream keeps its layout; another count is refused.
 func TestEnsureStreamKeepsTheLayout(t *testing.T) {
 	t.Parallel()
-	url, _ := testenv.NATS(t)
-	nc, err := nats.Connect(url)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close()
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
+	js := jetStream(t)
 	ctx := context.Background()
 	if _, err := natsjs.EnsureStream(ctx, js, "BUILDS", "builds", 1); err != nil {
 		t.Fatal(err)
@@ -172,4 +154,20 @@ func TestEnsureStreamKeepsTheLayout(t *testing.T) {
 	if _, switched, err := natsjs.EnsureLayout(ctx, js, "BUILDS", "builds", 1, p4, nil); err != nil || switched {
 		t.Errorf("EnsureLayout p4 again = %v, switched %v; want no change", err, switched)
 	}
+}
+
+// jetStream is a JetStream client of an embedded server of the test's own.
+func jetStream(t *testing.T) jetstream.JetStream {
+	t.Helper()
+	url, _ := testenv.NATS(t)
+	nc, err := nats.Connect(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return js
 }

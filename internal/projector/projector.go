@@ -174,16 +174,16 @@ func Run(ctx context.Context, cfg Config) error {
 	store := projection.New(pool, projection.Options{Prefix: cfg.Prefix, Gate: true, Logger: log, Observer: tel, Memory: mem})
 	owner := InstanceID()
 	rest := newPart(cons, NewWriter(store, tel, log, owner, projection.LayoutP1, 0), cfg, !layout.Partitioned(), 0, nil)
-	// Partitions' batches in flight at once: as many as the pool has
-	// connections, so that a batch is folded only when it can be written
-	// soon (each one in flight holds its messages, fold and statements).
-	slots := make(chan struct{}, max(int(pool.Config().MaxConns), 1))
 	var ps *partitions
 	var group *natsjs.Group
 	ready := rest.loop.Ready
 	if layout.Partitioned() {
 		// The writers share the pool: each has one batch in flight at a
-		// time, so none holds a connection while it waits for another.
+		// time, so none holds a connection while it waits for another, and
+		// as many are in flight as the pool has connections, so that a batch
+		// is folded only when it can be written soon (each one in flight
+		// holds its messages, fold and statements).
+		slots := make(chan struct{}, max(int(pool.Config().MaxConns), 1))
 		ps = &partitions{layout: layout, cfg: cfg, js: js, log: log, slots: slots, newWriter: func(k int) *Writer {
 			return NewWriter(store, tel, log, owner, layout.Name(), k)
 		}}
@@ -262,8 +262,10 @@ func Run(ctx context.Context, cfg Config) error {
 }
 
 // Writer adapts the projection store to the consume loop, as the writer of
-// the one partition (layout p1, docs/engine.md step 3). Every instance pulls
-// the durable's pinned priority group and the server delivers to one of them;
+// one partition: p1's (the durable), or one of a partitioned layout's (its
+// partition's durable, given to this instance by the group: partitions.go).
+// Every instance that pulls a durable pulls its pinned priority group and the
+// server delivers to one of them;
 // an instance that receives messages without holding the partition acquires
 // it (projection.Store.Acquire: the epoch goes up, every earlier holder is
 // fenced), so the pinned client becomes the writer. A batch fenced at commit
