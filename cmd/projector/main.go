@@ -9,6 +9,7 @@
 //	projector rebuild [--dry-run] [--batch N] [--allow-truncated] [--incremental]
 //	projector verify [--no-rebuild] [--wait D] [--max-diff N] [--allow-truncated] [--incremental]
 //	projector stuck [--queued-for D] [--building-for D] [--json] [--time-out]
+//	projector partitions [--json]
 package main
 
 import (

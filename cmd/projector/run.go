@@ -114,6 +114,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		err = runVerify(ctx, rest, getenv, stdout, stderr)
 	case "stuck":
 		err = runStuck(ctx, rest, getenv, stdout, stderr, time.Now)
+	case "partitions":
+		err = runPartitions(ctx, rest, getenv, stdout, stderr)
 	default:
 		return fmt.Errorf("unknown command %q\n%s", cmd, usage())
 	}
@@ -133,6 +135,7 @@ var commands = []struct{ name, synopsis, summary string }{
 	{"rebuild", "[--dry-run] [--batch N] [--allow-truncated] [--incremental] [flags]", "replay the stream into shadow tables and swap them in"},
 	{"verify", "[--no-rebuild] [--wait D] [--max-diff N] [--allow-truncated] [--incremental] [flags]", "check the constraints and that a replay equals the live model"},
 	{"stuck", "[--queued-for D] [--building-for D] [--json] [--time-out] [flags]", "list builds whose worker stopped reporting; --time-out ends them"},
+	{"partitions", "[--json] [flags]", "who holds each partition (epoch, owner, last sequence applied)"},
 	{"help", "[COMMAND]", "list the commands, or show a command's flags"},
 }
 

@@ -1,0 +1,71 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"strings"
+	"testing"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/buildstate/buildstate/internal/projection"
+	"github.com/buildstate/buildstate/internal/testenv"
+)
+
+// `projector partitions` lists each partition's fence: p1's, unheld, on a
+// new database, then the rows the acquires made, as a table and as JSON.
+func TestPartitionsCommand(t *testing.T) {
+	t.Parallel()
+	dbURL := testenv.Database(t)
+	if _, errOut, err := runOut(dbURL, "migrate"); err != nil {
+		t.Fatalf("migrate: %v\n%s", err, errOut)
+	}
+	// The schema makes p1's row; nobody holds it yet.
+	out, errOut, err := runOut(dbURL, "partitions")
+	if f := strings.Fields(out); err != nil || len(f) != 13 || f[7] != "p1" || f[9] != "0" || f[10] != "-" {
+		t.Fatalf("partitions on a new database: %q, %v\n%s", out, err, errOut)
+	}
+	ctx := context.Background()
+	pool, err := pgxpool.New(ctx, dbURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pool.Close()
+	store := projection.New(pool, projection.Options{Prefix: "builds"})
+	for _, a := range []struct {
+		layout    string
+		partition int
+		owner     string
+	}{{"p1", 0, "host/1/aa"}, {"p4", 2, "host/2/bb"}, {"p4", 2, "host/3/cc"}} {
+		if _, err := store.Acquire(ctx, a.layout, a.partition, a.owner); err != nil {
+			t.Fatal(err)
+		}
+	}
+	out, _, err = runOut(dbURL, "partitions")
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	if len(lines) != 3 || !strings.HasPrefix(lines[0], "LAYOUT") ||
+		!strings.Contains(lines[1], "host/1/aa") || !strings.Contains(lines[2], "host/3/cc") {
+		t.Errorf("partitions table:\n%s", out)
+	}
+	if f := strings.Fields(lines[2]); len(f) < 5 || f[0] != "p4" || f[1] != "2" || f[2] != "2" {
+		t.Errorf("p4/2 row %q: want layout p4, partition 2, epoch 2 (two acquires)", lines[2])
+	}
+	out, _, err = runOut(dbURL, "partitions", "--json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var rows []partitionOut
+	for _, l := range strings.Split(strings.TrimSpace(out), "\n") {
+		var r partitionOut
+		if err := json.Unmarshal([]byte(l), &r); err != nil {
+			t.Fatalf("line %q: %v", l, err)
+		}
+		rows = append(rows, r)
+	}
+	if len(rows) != 2 || rows[1].Owner != "host/3/cc" || rows[1].Epoch != 2 || rows[1].AcquiredAt == nil {
+		t.Errorf("partitions --json: %+v", rows)
+	}
+}
