@@ -191,9 +191,11 @@ func (e *Env) Catchup(ctx context.Context, b Backlog, cfg CatchupConfig) (Catchu
 	if pids, err := BackendPIDs(ctx, url); err == nil {
 		res.BackendCPU = CPUOf(pids)
 	}
-	for _, p := range procs { // all before any stops (a stop moves its partitions)
+	metrics := make([]map[string]float64, len(procs))
+	for i, p := range procs { // all before any stops (a stop moves its partitions)
 		var share Share
 		if m, err := p.Metrics(); err == nil {
+			metrics[i] = m
 			share.Applied = int(m["buildstate_events_applied_total"])
 			share.Fenced = int(m["buildstate_fenced_total"])
 			share.Acquired = int(m["buildstate_partition_acquired_total"])
@@ -202,7 +204,8 @@ func (e *Env) Catchup(ctx context.Context, b Backlog, cfg CatchupConfig) (Catchu
 		res.Shares = append(res.Shares, share)
 	}
 	for i, p := range procs {
-		if bs, err := p.Batches(); err == nil {
+		if m := metrics[i]; m != nil {
+			bs := batchesOf(m)
 			res.Batches.Count += bs.Count
 			res.Batches.WriteRetries += bs.WriteRetries
 			res.Batches.Redone += bs.Redone

@@ -193,12 +193,17 @@ func (p *Process) Batches() (Batches, error) {
 	if err != nil {
 		return Batches{}, err
 	}
+	return batchesOf(m), nil
+}
+
+// batchesOf reads Batches from a process's metrics.
+func batchesOf(m map[string]float64) Batches {
 	b := Batches{Count: int(m["buildstate_batch_seconds_count"]), WriteRetries: int(m["buildstate_write_retries_total"]),
 		Redone: int(m["buildstate_batch_redone_total"])}
 	if b.Count > 0 {
 		b.MeanSeconds = m["buildstate_batch_seconds_sum"] / float64(b.Count)
 	}
-	return b, nil
+	return b
 }
 
 // LogTail is the end of the process's log.

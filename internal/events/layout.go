@@ -87,20 +87,6 @@ func (l Layout) ProjectSubjects(prefix, projectID string) []string {
 	return s
 }
 
-// Published is the subject a message was published on, given the subject it
-// is stored under: the stored form p<n>.<k>.<subject> loses its first two
-// tokens when <subject> is under prefix; anything else is returned as it is.
-// It does not check k (ParseSubject does).
-func Published(prefix, stored string) string {
-	if strings.HasPrefix(stored, prefix+".") {
-		return stored
-	}
-	if _, _, rest, ok := storedForm(stored); ok && strings.HasPrefix(rest, prefix+".") {
-		return rest
-	}
-	return stored
-}
-
 // storedForm splits p<n>.<k>.<rest>.
 func storedForm(s string) (n, k int, rest string, ok bool) {
 	layout, after, ok1 := strings.Cut(s, ".")
