@@ -193,7 +193,7 @@ func runProjector(ctx context.Context, args []string, getenv func(string) string
 	}
 	fs.IntVar(&c.cfg.Replicas, "stream-replicas", replicas, "replicas of the stream the projector creates or updates (env BUILDS_STREAM_REPLICAS; 3 on a 3-node cluster)")
 	fs.DurationVar(&c.cfg.Linger, "linger", 0, "wait this long to fill a batch once a message is in hand")
-	fs.IntVar(&c.cfg.Memory.Projects, "memory-projects", fold.DefaultLimits.Projects, "projects the partition's owner keeps in memory between batches; past it the least recently used are read again when named")
+	fs.IntVar(&c.cfg.Memory.Projects, "memory-projects", fold.DefaultLimits.Projects, "projects the instance's writer keeps in memory between batches (for all the partitions it holds); past it the least recently used are read again when named")
 	fs.IntVar(&c.cfg.Memory.IDs, "memory-ids", fold.DefaultLimits.IDs, "event ids the partition's owner remembers (the most recent); a repeat of an older one costs its batch a second fold")
 	fs.BoolVar(&c.cfg.TimeOutStuck, "time-out-stuck", false, "at every stuck check, publish a time-out completion for each stuck build (as 'projector stuck --time-out')")
 	stuckFlags(fs, &c.cfg.Stuck)

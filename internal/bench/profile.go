@@ -20,6 +20,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"go.uber.org/zap"
 
+	"github.com/buildstate/buildstate/internal/events"
 	"github.com/buildstate/buildstate/internal/natsjs"
 	"github.com/buildstate/buildstate/internal/projection"
 	"github.com/buildstate/buildstate/internal/projector"
@@ -122,7 +123,8 @@ func (e *Env) Profile(ctx context.Context, b Backlog, cfg ProfileConfig) (Profil
 	}
 	defer func() { _ = e.js.DeleteConsumer(context.WithoutCancel(ctx), b.Stream.Name, durable) }()
 	store := projection.New(pool, projection.Options{Prefix: b.Stream.Prefix, Gate: true, Logger: zap.NewNop()})
-	w := projector.NewWriter(store, projector.NewTelemetry(), zap.NewNop(), "bench-profile", projection.LayoutP1, 0)
+	w := projector.NewWriter(store, projector.NewTelemetry(), zap.NewNop(), "bench-profile", b.Stream.Prefix, events.Layout{})
+	w.Want(0)
 	loop := natsjs.NewLoop(cons, w.Handle, natsjs.LoopOptions{BatchSize: cfg.Batch, Linger: cfg.Linger, Begin: w.Begin})
 
 	if cfg.CPUProfile != "" {

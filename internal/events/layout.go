@@ -87,6 +87,24 @@ func (l Layout) ProjectSubjects(prefix, projectID string) []string {
 	return s
 }
 
+// SubjectPartition is the partition of l whose writer holds a message
+// stored on subject: the stored form's own partition (what its partition's
+// durable delivers), else its project's (a message stored as published, before
+// the layout was switched); ok is false for a stray of a partitioned layout,
+// which names no project (p1's writer holds it). In p1 it is 0.
+func (l Layout) SubjectPartition(prefix, subject string) (k int, ok bool) {
+	if !l.Partitioned() {
+		return 0, true
+	}
+	if n, k, _, ok := storedForm(subject); ok && n == l.N() {
+		return k, true
+	}
+	if project, _, err := ParseSubject(prefix, subject); err == nil {
+		return Partition(project, l.N()), true
+	}
+	return 0, false
+}
+
 // storedForm splits p<n>.<k>.<rest>.
 func storedForm(s string) (n, k int, rest string, ok bool) {
 	layout, after, ok1 := strings.Cut(s, ".")

@@ -131,7 +131,7 @@ func TestPausedOwnerCommitsNothing(t *testing.T) {
 	t.Logf("resumed writer: fenced %v, acquired %v, applied %v; standby: fenced %v, acquired %v, applied %v",
 		metric(xo, "buildstate_fenced_total"), metric(xo, "buildstate_partition_acquired_total"), metric(xo, "buildstate_events_applied_total"),
 		metric(xs, "buildstate_fenced_total"), metric(xs, "buildstate_partition_acquired_total"), metric(xs, "buildstate_events_applied_total"))
-	if len(logLines(owner.stderr.String(), "partition fenced: another instance acquired it; batch given back unacked")) == 0 {
+	if len(logLines(owner.stderr.String(), "partitions fenced: another instance acquired them; their messages given back unacked")) == 0 {
 		t.Errorf("the resumed writer logged no fenced batch\n%s", owner.stderr.String())
 	}
 	assertNoRetries(t, xo)

@@ -215,6 +215,17 @@ func (m *Memory) remember(k idKey, d idDigest) {
 	m.idNext = (m.idNext + 1) % len(m.idRing)
 }
 
+// DropIf drops the projects drop reports, without counting them as in the
+// store: their partition went to another writer (projection.Fence.Release).
+func (m *Memory) DropIf(drop func(project string) bool) {
+	for id, mp := range m.projects {
+		if drop(id) {
+			m.drop(id, mp)
+			delete(m.stored, storedKey(id))
+		}
+	}
+}
+
 // Forget drops every project and id m holds, the projects back to "in the
 // store": what a caller does when a batch it kept (Keep) before its commit
 // did not commit. A project that batch started, which the store does not

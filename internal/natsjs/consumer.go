@@ -137,10 +137,10 @@ func ensureConsumer(ctx context.Context, js jetstream.JetStream, stream string, 
 
 // Handler applies a batch. nil: every message is acked. An error wrapping
 // ErrRedeliverLater: every message is nak'ed with a delay; wrapping
-// ErrGiveBack: nak'ed at once. Any other error is
-// taken as transient: the same batch is retried with capped exponential
-// backoff and jitter, the messages kept in progress, until it succeeds or the
-// loop stops.
+// ErrGiveBack: nak'ed at once; a *GiveBack: its messages nak'ed at once, the
+// others acked. Any other error is taken as transient: the same batch is
+// retried with capped exponential backoff and jitter, the messages kept in
+// progress, until it succeeds or the loop stops.
 type Handler func(ctx context.Context, msgs []jetstream.Msg) error
 
 // ErrRedeliverLater marks a handler error after which the batch should be
@@ -152,6 +152,21 @@ var ErrRedeliverLater = errors.New("redeliver later")
 // pinned client gets it), and the loop goes on pulling; its readiness does
 // not change.
 var ErrGiveBack = errors.New("give the batch back")
+
+// GiveBack is a handler's outcome that settles a batch in two parts: the
+// messages at the indices Back are given back (nak'ed at once, as for
+// ErrGiveBack: a partition the writer no longer holds), the others were
+// applied and are acked.
+type GiveBack struct {
+	Back []int
+	Err  error // why (for the log)
+}
+
+func (g *GiveBack) Error() string {
+	return fmt.Sprintf("%d messages given back: %v", len(g.Back), g.Err)
+}
+
+func (g *GiveBack) Unwrap() error { return g.Err }
 
 // Begin starts a batch and returns how to finish it (a Handler's first
 // attempt, split in two): while a whole batch more is waiting (catching up),
@@ -165,15 +180,9 @@ type Begin func(ctx context.Context, msgs []jetstream.Msg) (finish func(context.
 type LoopOptions struct {
 	// Begin, if set, starts each batch (see Begin); the Handler then only
 	// retries.
-	Begin     Begin
-	BatchSize int // most messages per handler call, default 1000
-	Buffer    int // messages the client keeps pulled ahead (nats.go PullMaxMessages), default 2·BatchSize
-	// Slots, if set, is shared by loops that take turns: a loop holds one
-	// from its batch's first message until the batch is settled, and
-	// collects the rest of the batch once it has it, so that a loop that
-	// waited for its turn takes what arrived meanwhile (bigger batches,
-	// not more of them). Not with Begin.
-	Slots       chan struct{}
+	Begin       Begin
+	BatchSize   int           // most messages per handler call, default 1000
+	Buffer      int           // messages the client keeps pulled ahead (nats.go PullMaxMessages), default 2·BatchSize
 	Linger      time.Duration // how long to wait to fill a batch once a message is in hand, default 0
 	MaxBackoff  time.Duration // cap of the retry backoff, default 5s
 	NakDelay    time.Duration // delay of ErrRedeliverLater redelivery, default 5s
@@ -181,15 +190,31 @@ type LoopOptions struct {
 	Logger      *zap.Logger
 }
 
-// Loop consumes a durable pull consumer in batches.
+// Loop consumes durable pull consumers in batches: one given to NewLoop,
+// or any number attached and detached while it runs (a projector's
+// partitions), whose messages it collects into the same batches.
 type Loop struct {
-	cons  jetstream.Consumer
+	cons  jetstream.Consumer // attached by Run; nil for none
 	h     Handler
 	opts  LoopOptions
 	ready atomic.Bool
+	in    chan jetstream.Msg
+
+	mu      sync.Mutex
+	closed  bool // Run has stopped: Attach refuses
+	its     map[*source]struct{}
+	pullers sync.WaitGroup
+	lost    context.CancelCauseFunc // Run's: a consumer went away under it
+	lostErr error
 }
 
-// NewLoop returns a loop over cons calling h.
+// source is one attached consumer's pull.
+type source struct {
+	cons jetstream.Consumer
+	it   jetstream.MessagesContext
+}
+
+// NewLoop returns a loop over cons (nil: only what Attach adds) calling h.
 func NewLoop(cons jetstream.Consumer, h Handler, opts LoopOptions) *Loop {
 	if opts.BatchSize <= 0 {
 		opts.BatchSize = 1000
@@ -206,54 +231,94 @@ func NewLoop(cons jetstream.Consumer, h Handler, opts LoopOptions) *Loop {
 	if opts.Logger == nil {
 		opts.Logger = zap.NewNop()
 	}
-	return &Loop{cons: cons, h: h, opts: opts}
+	return &Loop{cons: cons, h: h, opts: opts, in: make(chan jetstream.Msg, opts.BatchSize), its: map[*source]struct{}{}}
 }
 
 // Ready reports whether the last batch went through (false while a batch is
 // being retried after a failure).
 func (l *Loop) Ready() bool { return l.ready.Load() }
 
-// Run consumes until ctx is done. On stop it stops pulling, finishes and
-// acks the batch in hand (bounded by StopTimeout), naks what was pulled but
-// not handled so that another projector takes it at once, and returns nil.
-// If the consumer is deleted under it, it does the same and returns an error.
-func (l *Loop) Run(ctx context.Context) error {
-	it, err := l.cons.Messages(
-		jetstream.PullMaxMessages(cmp.Or(l.opts.Buffer, 2*l.opts.BatchSize)),
+// Attach starts pulling cons (with its priority group) into the loop's
+// batches, buffer messages ahead (0: LoopOptions.Buffer). detach stops
+// pulling it: what was pulled still reaches the handler (which gives back
+// what it no longer wants), what was not stays with the server. It fails
+// once Run has stopped.
+func (l *Loop) Attach(cons jetstream.Consumer, buffer int) (detach func(), err error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed {
+		return nil, errors.New("loop stopped")
+	}
+	it, err := cons.Messages(
+		jetstream.PullMaxMessages(cmp.Or(buffer, l.opts.Buffer, 2*l.opts.BatchSize)),
 		jetstream.WithMessagesErrOnMissingHeartbeat(false),
 		jetstream.PullPriorityGroup(PriorityGroup),
 	)
 	if err != nil {
-		return fmt.Errorf("pull messages: %w", err)
+		return nil, fmt.Errorf("pull messages: %w", err)
+	}
+	src := &source{cons: cons, it: it}
+	l.its[src] = struct{}{}
+	l.pullers.Add(1)
+	go l.pull(src) // owner: Run, which waits for every puller when it stops
+	return func() {
+		l.mu.Lock()
+		defer l.mu.Unlock()
+		if _, ok := l.its[src]; ok {
+			delete(l.its, src)
+			src.it.Drain()
+		}
+	}, nil
+}
+
+// pull hands src's messages to the loop until its pull ends.
+func (l *Loop) pull(src *source) {
+	defer l.pullers.Done()
+	for {
+		msg, err := src.it.Next()
+		if errors.Is(err, jetstream.ErrMsgIteratorClosed) {
+			return
+		}
+		if errors.Is(err, jetstream.ErrConsumerDeleted) || errors.Is(err, jetstream.ErrConsumerNotFound) {
+			l.mu.Lock()
+			if l.lostErr == nil {
+				l.lostErr = fmt.Errorf("consumer %s: %w", consumerName(src.cons), err)
+			}
+			stop := l.lost
+			l.mu.Unlock()
+			if stop != nil {
+				stop(err)
+			}
+			return
+		}
+		if err != nil {
+			l.opts.Logger.Warn("pull", zap.Error(err))
+			continue
+		}
+		l.in <- msg
+	}
+}
+
+// Run consumes until ctx is done. On stop it stops pulling, finishes and
+// acks the batch in hand (bounded by StopTimeout), naks what was pulled but
+// not handled so that another projector takes it at once, and returns nil.
+// If a consumer is deleted under it, it does the same and returns an error.
+func (l *Loop) Run(ctx context.Context) error {
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	l.mu.Lock()
+	l.lost = cancel
+	l.mu.Unlock()
+	if l.cons != nil {
+		if _, err := l.Attach(l.cons, 0); err != nil {
+			return err
+		}
 	}
 	l.ready.Store(true)
-	in := make(chan jetstream.Msg, l.opts.BatchSize)
-	var lost error // why the consumer is gone, if it is
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() { // owner: Run, which waits for it below
-		defer wg.Done()
-		defer close(in)
-		for {
-			msg, err := it.Next()
-			if errors.Is(err, jetstream.ErrMsgIteratorClosed) {
-				return
-			}
-			if errors.Is(err, jetstream.ErrConsumerDeleted) || errors.Is(err, jetstream.ErrConsumerNotFound) {
-				lost = err
-				return
-			}
-			if err != nil {
-				l.opts.Logger.Warn("pull", zap.Error(err))
-				continue
-			}
-			in <- msg
-		}
-	}()
+	in := l.in
 	var held *begun // begun, not finished (LoopOptions.Begin)
 	for {
 		var batch []jetstream.Msg
-		open := true
 		if held != nil {
 			if ctx.Err() != nil {
 				break // stop: only the batch in hand is finished (below)
@@ -266,16 +331,13 @@ func (l *Loop) Run(ctx context.Context) error {
 				held = nil
 				continue
 			}
-			batch, open = l.fill(in, nil)
+			batch = l.fill(in, nil)
 		} else {
-			batch, open = l.collect(ctx, in)
+			batch = l.collect(ctx, in)
 		}
 		if len(batch) > 0 {
 			if l.opts.Begin == nil {
 				l.handle(ctx, batch, l.keepInProgress(batch), nil)
-				if l.opts.Slots != nil {
-					<-l.opts.Slots // taken by collect
-				}
 			} else {
 				next := l.begin(ctx, batch)
 				if held != nil {
@@ -284,23 +346,40 @@ func (l *Loop) Run(ctx context.Context) error {
 				held = next
 			}
 		}
-		if ctx.Err() != nil || !open {
+		if ctx.Err() != nil {
 			break
 		}
 	}
 	if held != nil {
 		l.settle(ctx, held)
 	}
-	it.Drain()
-	// Pulled but not handled: give them back now.
-	for msg := range in {
-		_ = msg.Nak()
+	l.mu.Lock()
+	l.closed = true
+	for src := range l.its {
+		src.it.Drain()
 	}
-	wg.Wait()
+	clear(l.its)
+	lost := l.lostErr
+	l.mu.Unlock()
+	// Pulled but not handled: give them back now.
+	done := make(chan struct{})
+	go func() { l.pullers.Wait(); close(done) }()
+	for {
+		select {
+		case msg := <-in:
+			_ = msg.Nak()
+			continue
+		case <-done:
+		}
+		break
+	}
+	for len(in) > 0 {
+		_ = (<-in).Nak()
+	}
 	if lost != nil {
 		// Not a stop: whoever supervises the projector restarts it, and
 		// the start creates the consumer again.
-		return fmt.Errorf("consumer %s: %w", consumerName(l.cons), lost)
+		return lost
 	}
 	return nil
 }
@@ -328,41 +407,28 @@ func (l *Loop) begin(ctx context.Context, batch []jetstream.Msg) *begun {
 func (l *Loop) settle(ctx context.Context, b *begun) { l.handle(ctx, b.batch, b.stopBeat, b.finish) }
 
 // fill appends to batch what is ready in in, up to BatchSize, without
-// waiting; open is false once in is closed.
-func (l *Loop) fill(in <-chan jetstream.Msg, batch []jetstream.Msg) (_ []jetstream.Msg, open bool) {
+// waiting.
+func (l *Loop) fill(in <-chan jetstream.Msg, batch []jetstream.Msg) []jetstream.Msg {
 	for len(batch) < l.opts.BatchSize {
 		select {
-		case msg, ok := <-in:
-			if !ok {
-				return batch, false
-			}
+		case msg := <-in:
 			batch = append(batch, msg)
 		default:
-			return batch, true
+			return batch
 		}
 	}
-	return batch, true
+	return batch
 }
 
 // collect blocks for one message, then takes what is ready up to BatchSize
 // (waiting at most Linger for more). It returns early when ctx is done.
-func (l *Loop) collect(ctx context.Context, in <-chan jetstream.Msg) ([]jetstream.Msg, bool) {
+func (l *Loop) collect(ctx context.Context, in <-chan jetstream.Msg) []jetstream.Msg {
 	var batch []jetstream.Msg
 	select {
 	case <-ctx.Done():
-		return nil, true
-	case msg, ok := <-in:
-		if !ok {
-			return nil, false
-		}
+		return nil
+	case msg := <-in:
 		batch = append(batch, msg)
-	}
-	if l.opts.Slots != nil && l.opts.Begin == nil {
-		select {
-		case l.opts.Slots <- struct{}{}: // given back by Run once the batch is settled
-		case <-ctx.Done():
-			l.opts.Slots <- struct{}{} // stopping: the batch in hand is finished all the same
-		}
 	}
 	var linger <-chan time.Time
 	if l.opts.Linger > 0 {
@@ -372,10 +438,9 @@ func (l *Loop) collect(ctx context.Context, in <-chan jetstream.Msg) ([]jetstrea
 	}
 	var behind <-chan time.Time // set once the consumer is seen to be behind
 	for {
-		var open bool
-		batch, open = l.fill(in, batch)
-		if !open || len(batch) >= l.opts.BatchSize {
-			return batch, open
+		batch = l.fill(in, batch)
+		if len(batch) >= l.opts.BatchSize {
+			return batch
 		}
 		// Behind (a backlog: the server holds at least the rest of a batch
 		// for this consumer): wait for it, up to BacklogLinger, rather than
@@ -386,20 +451,17 @@ func (l *Loop) collect(ctx context.Context, in <-chan jetstream.Msg) ([]jetstrea
 			behind = t.C
 		}
 		if linger == nil && behind == nil {
-			return batch, open
+			return batch
 		}
 		select {
-		case msg, ok := <-in:
-			if !ok {
-				return batch, false
-			}
+		case msg := <-in:
 			batch = append(batch, msg)
 		case <-linger:
-			return batch, true
+			return batch
 		case <-behind:
-			return batch, true
+			return batch
 		case <-ctx.Done():
-			return batch, true
+			return batch
 		}
 	}
 }
@@ -454,6 +516,22 @@ func (l *Loop) handle(ctx context.Context, batch []jetstream.Msg, stopBeat func(
 		if err == nil {
 			for _, m := range batch {
 				_ = m.Ack()
+			}
+			l.ready.Store(true)
+			return
+		}
+		var gb *GiveBack
+		if errors.As(err, &gb) {
+			back := make(map[int]bool, len(gb.Back))
+			for _, i := range gb.Back {
+				back[i] = true
+			}
+			for i, m := range batch {
+				if back[i] {
+					_ = m.Nak()
+				} else {
+					_ = m.Ack()
+				}
 			}
 			l.ready.Store(true)
 			return

@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"math/rand/v2"
+	"slices"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -15,21 +17,37 @@ import (
 	"github.com/buildstate/buildstate/internal/fold"
 )
 
-// ErrFenced is a batch written under a fence whose epoch is no longer its
-// partition's: another instance acquired the partition since. Nothing of the
-// batch was written; the caller does not ack it and drops the fence.
+// ErrFenced is a batch written under a fence that no longer holds one of its
+// partitions: another instance acquired it since. Nothing of the batch was
+// written; the caller does not ack it. The error is a *FencedError, which
+// names the partitions lost; the fence no longer holds them.
 var ErrFenced = errors.New("partition acquired by another instance")
 
-// Fence is an instance's hold on a partition of a layout (a row of
-// projector_partitions): the epoch its Acquire set. Store.Apply proves it at
-// commit (docs/engine.md §3).
-type Fence struct {
+// FencedError is ErrFenced with the partitions a batch found lost.
+type FencedError struct {
 	Layout     string
-	Partition  int
-	Epoch      int64
-	AppliedSeq uint64 // the partition's checkpoint when it was acquired
+	Partitions []int
+}
 
-	// mem is the single writer's state of the partition (fold.Memory),
+func (e *FencedError) Error() string {
+	return fmt.Sprintf("%s: %s %v", ErrFenced, e.Layout, e.Partitions)
+}
+
+func (e *FencedError) Unwrap() error { return ErrFenced }
+
+// Fence is a writer's hold on partitions of one layout (rows of
+// projector_partitions): the epoch each Acquire set. Store.Apply proves, at
+// commit, every one its batch writes to (docs/engine.md §3). One fence, one
+// memory: the instance's partitions are written by one engine, one
+// transaction a batch for all of them (§6), and a project belongs to one
+// partition, so their states do not mix. A fence is used by one goroutine at
+// a time (its writer's).
+type Fence struct {
+	Layout string
+	layout events.Layout
+	holds  map[int]Hold
+
+	// mem is the single writer's state of its partitions (fold.Memory),
 	// filled by Acquire with the projects the store holds and by every
 	// batch committed under the fence; nil applies as an unfenced store does
 	// (reading everything a batch names).
@@ -37,6 +55,67 @@ type Fence struct {
 	// open is the batch begun last under the fence (Store.Begin) and not
 	// finished yet.
 	open *Pending
+}
+
+// Hold is one partition a fence holds: its epoch, and its checkpoint when it
+// was acquired.
+type Hold struct {
+	Partition  int
+	Epoch      int64
+	AppliedSeq uint64
+}
+
+// NewFence returns a fence of layout that holds nothing yet (Acquire adds).
+func (s *Store) NewFence(layout string) (*Fence, error) {
+	l, err := events.ParseLayout(layout)
+	if err != nil {
+		return nil, fmt.Errorf("fence: %w", err)
+	}
+	return &Fence{Layout: layout, layout: l, holds: map[int]Hold{}, mem: fold.NewMemory(s.opts.Memory)}, nil
+}
+
+// Holds reports whether f holds partition k.
+func (f *Fence) Holds(k int) bool {
+	_, ok := f.holds[k]
+	return ok
+}
+
+// Hold returns f's hold on partition k.
+func (f *Fence) Hold(k int) (Hold, bool) {
+	h, ok := f.holds[k]
+	return h, ok
+}
+
+// Held lists the partitions f holds, in order.
+func (f *Fence) Held() []int {
+	out := make([]int, 0, len(f.holds))
+	for k := range f.holds {
+		out = append(out, k)
+	}
+	slices.Sort(out)
+	return out
+}
+
+// Release drops f's hold on the partitions ks (their loop stopped) and the
+// projects of theirs its memory holds.
+func (f *Fence) Release(ks ...int) {
+	for _, k := range ks {
+		delete(f.holds, k)
+	}
+	if f.mem != nil && len(ks) > 0 {
+		f.mem.DropIf(func(project string) bool { return !f.Holds(events.Partition(project, f.layout.N())) })
+	}
+}
+
+// lose drops partitions a compare-and-set found taken, and the memory (the
+// batch that found it may have been kept in it).
+func (f *Fence) lose(ks []int) {
+	for _, k := range ks {
+		delete(f.holds, k)
+	}
+	if f.mem != nil {
+		f.mem.Forget()
+	}
 }
 
 // Remembered is the number of projects the fence's memory holds.
@@ -51,33 +130,35 @@ func (f *Fence) Remembered() int {
 // docs/engine.md): partition 0.
 const LayoutP1 = "p1"
 
-// acquireSQL raises the partition's epoch (creating its row if it has none)
-// and returns the new epoch and the checkpoint. The row lock serialises it
-// with the previous owner's batch: if that batch ran its compare-and-set, the
-// acquire waits for its commit and reads the applied_seq it wrote.
+// acquireSQL raises the partitions' epochs (creating their rows if they have
+// none) and returns the new epochs and the checkpoints. The row locks
+// serialise it with the previous owner's batch: if that batch ran its
+// compare-and-set, the acquire waits for its commit and reads the
+// applied_seq it wrote.
 const acquireSQL = `
 INSERT INTO projector_partitions AS p (layout, partition, epoch, owner, acquired_at)
-VALUES ($1, $2, 1, $3, now())
+SELECT $1, k, 1, $3, now() FROM unnest($2::int[]) AS k ORDER BY k
 ON CONFLICT (layout, partition) DO UPDATE SET epoch = p.epoch + 1, owner = EXCLUDED.owner, acquired_at = now()
-RETURNING epoch, applied_seq`
+RETURNING partition, epoch, applied_seq`
 
 // fenceSQL is the compare-and-set every fenced batch sends first (after the
-// rebuild gate), in the same transaction as its rows: it updates no row when
-// the epoch moved on. The checkpoint is the batch's highest stream sequence,
-// and never goes back: with one partition the rules are order-independent
-// and the event-id marks catch every duplicate, so a batch need not be
-// contiguous with the checkpoint, and a redelivered batch of older messages
-// (nak'ed by a fenced owner) still commits. Contiguity and redelivery by
-// sequence come with the gap fill (docs/engine.md §3), which step 3 leaves
-// out.
+// rebuild gate), in the same transaction as its rows: it returns the
+// partitions whose epoch is still the fence's, and moves their checkpoints
+// to the batch's highest stream sequence in each, never back. With a
+// partition's rules order-independent and the event-id marks catching every
+// duplicate, a batch need not be contiguous with the checkpoint, and a
+// redelivered batch of older messages (nak'ed by a fenced owner) still
+// commits. Contiguity and redelivery by sequence come with the gap fill
+// (docs/engine.md §3), not built.
 const fenceSQL = `
-UPDATE projector_partitions SET applied_seq = greatest(applied_seq, $4)
-WHERE layout = $1 AND partition = $2 AND epoch = $3
-RETURNING epoch`
+UPDATE projector_partitions AS p SET applied_seq = greatest(p.applied_seq, v.seq)
+FROM unnest($2::int[], $3::bigint[], $4::bigint[]) AS v(partition, epoch, seq)
+WHERE p.layout = $1 AND p.partition = v.partition AND p.epoch = v.epoch
+RETURNING p.partition`
 
-// acquireLockTimeout bounds how long one acquire waits for the partition's
-// row (held by the previous owner's batch); the acquire is then retried, and
-// logged, until ctx ends.
+// acquireLockTimeout bounds how long one acquire waits for the partitions'
+// rows (held by the previous owner's batch); the acquire is then retried,
+// and logged, until ctx ends.
 const acquireLockTimeout = "2s"
 
 // storedProjectsSQL lists the projects the store holds rows for: every
@@ -86,77 +167,178 @@ const acquireLockTimeout = "2s"
 // no role). An index-only scan of projector_builds_project_idx.
 const storedProjectsSQL = `SELECT DISTINCT project_id FROM projector_builds`
 
-// Acquire takes layout's partition for owner (an instance id, for logs and
-// status) in its own transaction: the epoch is raised, which fences every
-// earlier holder at its next commit. It retries while the row is locked
-// (lock_timeout 2 s each time) until ctx ends.
-//
-// The fence starts an empty memory of the partition (fold.Memory, bounded
-// by Options.Memory) that knows which projects the store holds, read in the
-// same transaction once the epoch is raised: no earlier holder can commit
-// after that, so what the memory learns from then on is only this fence's
-// own commits.
-func (s *Store) Acquire(ctx context.Context, layout string, partition int, owner string) (Fence, error) {
-	f := Fence{Layout: layout, Partition: partition}
+// Acquire takes layout's partition for owner in a new fence of its own
+// (NewFence, then AcquireIn).
+func (s *Store) Acquire(ctx context.Context, layout string, partition int, owner string) (*Fence, error) {
+	f, err := s.NewFence(layout)
+	if err != nil {
+		return nil, err
+	}
+	a, err := s.AcquireHolds(ctx, layout, owner, partition)
+	if err != nil {
+		return nil, err
+	}
+	f.Add(a)
+	return f, nil
+}
+
+// Acquired is what AcquireHolds took, for Fence.Add.
+type Acquired struct {
+	Layout string
+	Holds  []Hold
+	stored []string // the partitions' projects the store holds
+}
+
+// AcquireHolds takes layout's partitions ks for owner (an instance id, for
+// logs and status) in one transaction: their epochs are raised, which fences
+// every earlier holder at its next commit. It retries while a row is locked
+// (lock_timeout 2 s each time) until ctx ends. It also lists the partitions'
+// projects the store holds, read in the same transaction once the epochs are
+// raised: no earlier holder can commit after that, so what the fence's
+// memory learns from then on is only its own commits. It does not touch a
+// fence: Add gives it one (on the fence's goroutine; the acquire may wait).
+func (s *Store) AcquireHolds(ctx context.Context, layout string, owner string, ks ...int) (Acquired, error) {
 	l, err := events.ParseLayout(layout)
 	if err != nil {
-		return Fence{}, fmt.Errorf("acquire: %w", err)
+		return Acquired{}, fmt.Errorf("acquire: %w", err)
 	}
+	ks = slices.Sorted(slices.Values(ks))
 	for attempt := 1; ; attempt++ {
-		var applied int64
-		mem := fold.NewMemory(s.opts.Memory)
+		a := Acquired{Layout: layout}
 		err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
 			if _, err := tx.Exec(ctx, `SELECT set_config('lock_timeout', $1, true)`, acquireLockTimeout); err != nil {
 				return err
 			}
-			if err := tx.QueryRow(ctx, acquireSQL, layout, partition, owner).Scan(&f.Epoch, &applied); err != nil {
+			rows, _ := tx.Query(ctx, acquireSQL, layout, ks, owner)
+			var h Hold
+			var applied int64
+			if _, err := pgx.ForEachRow(rows, []any{&h.Partition, &h.Epoch, &applied}, func() error {
+				h.AppliedSeq = uint64(applied)
+				a.Holds = append(a.Holds, h)
+				return nil
+			}); err != nil {
 				return err
 			}
-			rows, _ := tx.Query(ctx, storedProjectsSQL)
+			rows, _ = tx.Query(ctx, storedProjectsSQL)
 			var project string
 			_, err := pgx.ForEachRow(rows, []any{&project}, func() error {
-				if events.Partition(project, l.N()) == partition { // the partition's own projects only
-					mem.InStore(project)
+				if slices.Contains(ks, events.Partition(project, l.N())) { // the partitions' own projects only
+					a.stored = append(a.stored, project)
 				}
 				return nil
 			})
 			return err
 		})
 		if err == nil {
-			f.AppliedSeq = uint64(applied)
-			f.mem = mem
-			return f, nil
+			return a, nil
 		}
 		var pgErr *pgconn.PgError
 		if !errors.As(err, &pgErr) || pgErr.Code != "55P03" { // lock_not_available
-			return Fence{}, fmt.Errorf("acquire %s/%d: %w", layout, partition, err)
+			return Acquired{}, fmt.Errorf("acquire %s %v: %w", layout, ks, err)
 		}
-		s.opts.Logger.Warn("acquire waits for the partition's row",
-			zap.String("layout", layout), zap.Int("partition", partition), zap.Int("attempt", attempt))
+		s.opts.Logger.Warn("acquire waits for the partitions' rows",
+			zap.String("layout", layout), zap.Ints("partitions", ks), zap.Int("attempt", attempt))
 		select {
 		case <-ctx.Done():
-			return Fence{}, fmt.Errorf("acquire %s/%d: %w", layout, partition, ctx.Err())
+			return Acquired{}, fmt.Errorf("acquire %s %v: %w", layout, ks, ctx.Err())
 		case <-time.After(50*time.Millisecond + rand.N(100*time.Millisecond)):
 		}
 	}
 }
 
-// queueFence queues, on a batch of statements, the compare-and-set of f with
-// checkpoint seq; ok is set to whether it held.
-func queueFence(b *pgx.Batch, f *Fence, seq uint64, ok *bool) {
-	b.Queue(fenceSQL, f.Layout, f.Partition, f.Epoch, int64(seq)).Query(func(rows pgx.Rows) error {
-		*ok = false
-		for rows.Next() {
-			*ok = true
+// Add gives f the holds a took: its memory learns which of their projects
+// the store holds.
+func (f *Fence) Add(a Acquired) {
+	for _, h := range a.Holds {
+		f.holds[h.Partition] = h
+	}
+	if f.mem != nil {
+		for _, p := range a.stored {
+			f.mem.InStore(p)
 		}
-		return rows.Err()
-	})
+	}
 }
 
-// fenced is the error of a batch whose compare-and-set updated nothing.
-func fenced(f *Fence) error {
-	return fmt.Errorf("%w: %s/%d at epoch %d", ErrFenced, f.Layout, f.Partition, f.Epoch)
+// seqs is, for each partition f holds that a batch writes to, the batch's
+// highest stream sequence in it; foreign lists the batch's messages of
+// partitions f does not hold (by index in dec).
+func (f *Fence) seqs(prefix string, dec []fold.Decoded) (parts []int32, epochs, maxSeq []int64, foreign []int) {
+	top := map[int]uint64{}
+	for i := range dec {
+		m := &dec[i].Msg
+		k, ok := f.layout.SubjectPartition(prefix, m.Subject)
+		if !ok || !f.Holds(k) {
+			foreign = append(foreign, i)
+			continue
+		}
+		top[k] = max(top[k], m.Seq)
+	}
+	for _, k := range slices.Sorted(maps.Keys(top)) {
+		parts = append(parts, int32(k))
+		epochs = append(epochs, f.holds[k].Epoch)
+		maxSeq = append(maxSeq, int64(top[k]))
+	}
+	return parts, epochs, maxSeq, foreign
 }
+
+// fenceCheck is the outcome of a batch's compare-and-set.
+type fenceCheck struct {
+	f    *Fence
+	want []int32
+	got  []int32
+	err  error // the batch named a partition the fence does not hold
+}
+
+// held reports whether every partition the batch writes to is still the fence's.
+func (c *fenceCheck) held() bool { return c.err == nil && len(c.got) == len(c.want) }
+
+// fenced is the error of a batch whose compare-and-set missed partitions;
+// the fence drops them.
+func (c *fenceCheck) fenced() error {
+	if c.err != nil {
+		return c.err
+	}
+	var lost []int
+	for _, k := range c.want {
+		if !slices.Contains(c.got, k) {
+			lost = append(lost, int(k))
+		}
+	}
+	c.f.lose(lost)
+	return &FencedError{Layout: c.f.Layout, Partitions: lost}
+}
+
+// queueFence queues, on a batch of statements, the compare-and-set of f for
+// the messages of dec; c reports it.
+func queueFence(b *pgx.Batch, f *Fence, prefix string, dec []fold.Decoded, c *fenceCheck) {
+	parts, epochs, seqs, foreign := f.seqs(prefix, dec)
+	*c = fenceCheck{f: f, want: parts}
+	if len(foreign) > 0 {
+		c.err = fmt.Errorf("%w: message %d is not of a partition the fence holds (%s %v)",
+			errNotHeld, dec[foreign[0]].Msg.Seq, f.Layout, f.Held())
+	}
+	b.Queue(fenceSQL, f.Layout, parts, epochs, seqs).Query(c.read)
+}
+
+// read reads the compare-and-set's rows (its queued query's function, or
+// Pending.waitHead, which reads them before the batch's other results).
+func (c *fenceCheck) read(rows pgx.Rows) error {
+	c.got = c.got[:0]
+	var k int32
+	for rows.Next() {
+		if err := rows.Scan(&k); err != nil {
+			rows.Close()
+			return err
+		}
+		c.got = append(c.got, k)
+	}
+	rows.Close()
+	return rows.Err()
+}
+
+// errNotHeld is a batch given to a fence with a message of a partition it
+// does not hold: the caller's mistake (it splits a batch by Fence.Holds).
+var errNotHeld = errors.New("batch outside its fence")
 
 // Partitions lists the rows of projector_partitions (for status and tests).
 func (s *Store) Partitions(ctx context.Context) ([]PartitionRow, error) {

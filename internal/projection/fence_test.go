@@ -14,13 +14,19 @@ import (
 	"github.com/buildstate/buildstate/internal/projection"
 )
 
-func acquire(t *testing.T, s *projection.Store, owner string) projection.Fence {
+func acquire(t *testing.T, s *projection.Store, owner string) *projection.Fence {
 	t.Helper()
 	f, err := s.Acquire(context.Background(), projection.LayoutP1, 0, owner)
 	if err != nil {
 		t.Fatalf("Acquire(%s) = %v", owner, err)
 	}
 	return f
+}
+
+// hold is the p1 fence's hold on its one partition.
+func hold(f *projection.Fence) projection.Hold {
+	h, _ := f.Hold(0)
+	return h
 }
 
 func appliedIDs(t *testing.T, s *projection.Store) int {
@@ -55,22 +61,22 @@ func TestStaleOwnerCommitsNothing(t *testing.T) {
 		t.Fatalf("fresh partition row = %+v; want epoch 0, applied_seq 0", r)
 	}
 	a := acquire(t, s, "a")
-	if a.Epoch != 1 || a.AppliedSeq != 0 {
+	if hold(a).Epoch != 1 || hold(a).AppliedSeq != 0 {
 		t.Fatalf("first Acquire = %+v; want epoch 1, applied_seq 0", a)
 	}
 	first := msgs(t, 1, deployed("p-1", "b-1", shadowT0)...)
-	if _, err := s.Apply(ctx, &a, first); err != nil {
+	if _, err := s.Apply(ctx, a, first); err != nil {
 		t.Fatalf("Apply under a's fence = %v", err)
 	}
 	b := acquire(t, s, "b")
-	if b.Epoch != 2 || b.AppliedSeq != 4 {
+	if hold(b).Epoch != 2 || hold(b).AppliedSeq != 4 {
 		t.Fatalf("second Acquire = %+v; want epoch 2, applied_seq 4 (a's checkpoint)", b)
 	}
 
 	stale := msgs(t, 5, deployed("p-2", "b-2", shadowT0)...)
 	stale = append(stale, projection.Message{Seq: 9, Subject: "builds.p-2.queued", Data: []byte("not json")}) // a dead letter
 	before := appliedIDs(t, s)
-	res, err := s.Apply(ctx, &a, stale)
+	res, err := s.Apply(ctx, a, stale)
 	if !errors.Is(err, projection.ErrFenced) {
 		t.Fatalf("Apply under a's stale fence = %+v, %v; want ErrFenced", res, err)
 	}
@@ -89,11 +95,11 @@ func TestStaleOwnerCommitsNothing(t *testing.T) {
 
 	// The new owner applies the same messages; an older batch redelivered
 	// later (seq below the checkpoint) still commits, as duplicates.
-	res, err = s.Apply(ctx, &b, stale)
+	res, err = s.Apply(ctx, b, stale)
 	if err != nil || res.Applied != 4 || res.DeadLettered != 1 {
 		t.Fatalf("Apply under b's fence = %+v, %v; want 4 applied, 1 dead letter", res, err)
 	}
-	res, err = s.Apply(ctx, &b, first)
+	res, err = s.Apply(ctx, b, first)
 	if err != nil || res.Duplicates != 4 {
 		t.Fatalf("redelivered older batch under b's fence = %+v, %v; want 4 duplicates", res, err)
 	}
@@ -126,7 +132,7 @@ CREATE TRIGGER fence_refuse BEFORE INSERT OR UPDATE ON projector_facts FOR EACH 
 	fw := "refused"
 	evs := append(deployed("p-1", "b-1", shadowT0), events.New(events.KindStarted, "p-2", "b-2", shadowT0, events.Data{Framework: &fw}))
 	evs = append(evs, deployed("p-3", "b-3", shadowT0)...)
-	res, err := s.Apply(ctx, &a, msgs(t, 1, evs...))
+	res, err := s.Apply(ctx, a, msgs(t, 1, evs...))
 	if err != nil || res.Applied != 8 || res.DeadLettered != 1 {
 		t.Fatalf("Apply = %+v, %v; want 8 applied, 1 dead letter", res, err)
 	}
@@ -143,7 +149,7 @@ func TestSwapFencesTheLiveOwner(t *testing.T) {
 	ctx := context.Background()
 	live := newStore(t, projection.Options{Gate: true})
 	a := acquire(t, live, "a")
-	if _, err := live.Apply(ctx, &a, msgs(t, 1, deployed("p-1", "b-1", shadowT0)...)); err != nil {
+	if _, err := live.Apply(ctx, a, msgs(t, 1, deployed("p-1", "b-1", shadowT0)...)); err != nil {
 		t.Fatal(err)
 	}
 	sh, err := projection.OpenShadow(ctx, live.Pool(), "bs_shadow_fence", projection.Options{})
@@ -155,17 +161,17 @@ func TestSwapFencesTheLiveOwner(t *testing.T) {
 	if err := sh.Swap(ctx, nil); err != nil {
 		t.Fatalf("Swap = %v", err)
 	}
-	if _, err := live.Apply(ctx, &a, msgs(t, 5, deployed("p-2", "b-2", shadowT0)...)); !errors.Is(err, projection.ErrFenced) {
+	if _, err := live.Apply(ctx, a, msgs(t, 5, deployed("p-2", "b-2", shadowT0)...)); !errors.Is(err, projection.ErrFenced) {
 		t.Fatalf("Apply under the fence taken before the swap = %v; want ErrFenced", err)
 	}
 	if r := partitionRow(t, live); r.Epoch != 2 || r.AppliedSeq != 4 {
 		t.Errorf("partition row after the swap = %+v; want epoch 2 (raised), applied_seq 4", r)
 	}
 	again := acquire(t, live, "a")
-	if again.Epoch != 3 {
+	if hold(again).Epoch != 3 {
 		t.Errorf("Acquire after the swap = %+v; want epoch 3", again)
 	}
-	if res, err := live.Apply(ctx, &again, msgs(t, 5, deployed("p-2", "b-2", shadowT0)...)); err != nil || res.Applied != 4 {
+	if res, err := live.Apply(ctx, again, msgs(t, 5, deployed("p-2", "b-2", shadowT0)...)); err != nil || res.Applied != 4 {
 		t.Errorf("Apply after acquiring again = %+v, %v; want 4 applied", res, err)
 	}
 }
@@ -186,11 +192,11 @@ func TestAcquireWaitsForTheOwnersBatch(t *testing.T) {
 	}
 	defer tx.Rollback(ctx) //nolint:errcheck // after Commit this is a no-op
 	if _, err := tx.Exec(ctx, `UPDATE projector_partitions SET applied_seq = 42 WHERE layout = $1 AND partition = 0 AND epoch = $2`,
-		projection.LayoutP1, a.Epoch); err != nil {
+		projection.LayoutP1, hold(a).Epoch); err != nil {
 		t.Fatal(err)
 	}
 	type acquired struct {
-		f   projection.Fence
+		f   *projection.Fence
 		err error
 	}
 	done := make(chan acquired, 1)
@@ -199,7 +205,7 @@ func TestAcquireWaitsForTheOwnersBatch(t *testing.T) {
 		done <- acquired{f, err}
 	}()
 	deadline := time.Now().Add(time.Minute)
-	for logs.FilterMessage("acquire waits for the partition's row").Len() == 0 {
+	for logs.FilterMessage("acquire waits for the partitions' rows").Len() == 0 {
 		select {
 		case got := <-done:
 			t.Fatalf("Acquire = %+v, %v while the row was locked; want it to wait", got.f, got.err)
@@ -214,8 +220,8 @@ func TestAcquireWaitsForTheOwnersBatch(t *testing.T) {
 		t.Fatal(err)
 	}
 	got := <-done
-	if got.err != nil || got.f.Epoch != a.Epoch+1 || got.f.AppliedSeq != 42 {
-		t.Errorf("Acquire after the batch committed = %+v, %v; want epoch %d, applied_seq 42", got.f, got.err, a.Epoch+1)
+	if got.err != nil || hold(got.f).Epoch != hold(a).Epoch+1 || hold(got.f).AppliedSeq != 42 {
+		t.Errorf("Acquire after the batch committed = %+v, %v; want epoch %d, applied_seq 42", got.f, got.err, hold(a).Epoch+1)
 	}
 }
 
@@ -236,11 +242,11 @@ func TestMemoryReadsAColdBuild(t *testing.T) {
 	f := acquire(t, s, "new owner")
 	// b-3 holds every role; b-2 is named: b-1 stays a name.
 	late := events.New(events.KindMetricsRecorded, "p-1", "b-2", shadowT0.Add(time.Hour), events.Data{})
-	if res, err := s.Apply(ctx, &f, msgs(t, 20, late)); err != nil || res.Applied != 1 || res.Redone != 0 {
+	if res, err := s.Apply(ctx, f, msgs(t, 20, late)); err != nil || res.Applied != 1 || res.Redone != 0 {
 		t.Fatalf("first batch = %+v, %v; want 1 applied, none folded again", res, err)
 	}
 	again := events.New(events.KindCompleted, "p-1", "b-1", shadowT0.Add(time.Hour), events.Data{Outcome: events.OutcomeFailed})
-	res, err := s.Apply(ctx, &f, msgs(t, 21, again))
+	res, err := s.Apply(ctx, f, msgs(t, 21, again))
 	if err != nil || res.Applied != 1 || res.Redone != 0 {
 		t.Fatalf("batch naming b-1 = %+v, %v; want 1 applied, none folded again", res, err)
 	}
@@ -262,7 +268,7 @@ func TestMemoryReadsAColdBuild(t *testing.T) {
 		events.New(events.KindQueued, "p-2", "b-y", shadowT0.Add(time.Minute), events.Data{}),
 		events.New(events.KindQueued, "p-2", "b-x", shadowT0.Add(-time.Minute), events.Data{}),
 	} {
-		if res, err := s.Apply(ctx, &f, msgs(t, uint64(31+i), ev)); err != nil || res.Applied != 1 || res.Redone != 0 {
+		if res, err := s.Apply(ctx, f, msgs(t, uint64(31+i), ev)); err != nil || res.Applied != 1 || res.Redone != 0 {
 			t.Errorf("p-2 batch %d = %+v, %v; want 1 applied, none folded again", i, res, err)
 		}
 	}

@@ -169,7 +169,7 @@ func testLateQueuedDemotesNewestBuild(t *testing.T, fenced bool) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		fence = &f
+		fence = f
 		if res, err := s.Apply(ctx, fence, msgs(t, 9, steps[5])); err != nil || res.Duplicates != 1 {
 			t.Fatalf("repeat under the fence = %+v, %v; want 1 duplicate", res, err)
 		}

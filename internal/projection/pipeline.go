@@ -35,8 +35,8 @@ type Pending struct {
 	msgs  []Message
 	tx    pgx.Tx
 	br    pgx.BatchResults
-	held  bool // the compare-and-set updated the partition's row
-	raced bool // a claim or id was there already (errRaced)
+	check fenceCheck // the compare-and-set's outcome
+	raced bool       // a claim or id was there already (errRaced)
 	// head is how many statements come first, the compare-and-set last;
 	// waited says they were read (waitHead), headErr what that read got.
 	head    int
@@ -67,7 +67,7 @@ func (s *Store) Begin(ctx context.Context, f *Fence, msgs []Message) *Pending {
 			// the batch before holds until it finishes.
 			return p
 		}
-		if prev.waitHead(); prev.headErr != nil || !prev.held {
+		if prev.waitHead(); prev.headErr != nil || !prev.check.held() {
 			return p // the batch before will not commit: this one waits for it
 		}
 	}
@@ -97,8 +97,7 @@ func (p *Pending) send(ctx context.Context) error {
 		return err
 	}
 	wb := &pgx.Batch{}
-	p.held = true
-	p.head = s.queueHead(wb, s.opts.Gate && !gated, p.f, b.dec[len(b.dec)-1].Msg.Seq, &p.held)
+	p.head = s.queueHead(wb, s.opts.Gate && !gated, p.f, b.dec, &p.check)
 	s.queueWrite(wb, ch, nil, &p.raced)
 	p.tx, p.br = tx, tx.SendBatch(ctx, wb)
 	p.res, p.drops = res, drops
@@ -125,12 +124,7 @@ func (p *Pending) waitHead() {
 		p.headErr = err
 		return
 	}
-	p.held = false
-	for rows.Next() {
-		p.held = true
-	}
-	rows.Close()
-	p.headErr = rows.Err()
+	p.headErr = p.check.read(rows)
 }
 
 // Finish waits for the batch's writes and commits them, or applies the batch
@@ -151,8 +145,8 @@ func (p *Pending) Finish(ctx context.Context) (Result, error) {
 	switch {
 	case err != nil:
 		err = fmt.Errorf("write: %w", err)
-	case !p.held:
-		err = fenced(f)
+	case !p.check.held():
+		err = p.check.fenced()
 	case p.raced:
 		err = errRaced
 	default:
@@ -164,7 +158,7 @@ func (p *Pending) Finish(ctx context.Context) (Result, error) {
 	}
 	_ = p.tx.Rollback(ctx)
 	// The memory kept this batch, and the one begun after it was folded on
-	// that: both are wrong now.
+	// that: both are wrong now (lost partitions were dropped by fenced).
 	f.mem.Forget()
 	if n := p.next; n != nil && !n.again {
 		n.abort(ctx)

@@ -43,7 +43,7 @@ func TestPipelinedBatchesCommitInOrder(t *testing.T) {
 			p := fmt.Sprintf("p-%d-%d", i, j)
 			evs = append(evs, events.New(events.KindQueued, p, p+"-b", t0, events.Data{}))
 		}
-		next := s.Begin(ctx, &f, msgs(t, uint64(3*i+1), evs...))
+		next := s.Begin(ctx, f, msgs(t, uint64(3*i+1), evs...))
 		finish()
 		open = next
 	}

@@ -730,7 +730,7 @@ func applyFenced(t *testing.T, s *projection.Store, ms []projection.Message, cut
 			if err != nil {
 				t.Fatal(err)
 			}
-			fence = &f
+			fence = f
 		}
 		res, err := s.Apply(ctx, fence, ms[c[0]:c[1]])
 		if err != nil {
@@ -781,7 +781,7 @@ func applyPipelined(t *testing.T, s *projection.Store, ms []projection.Message, 
 			if err != nil {
 				t.Fatal(err)
 			}
-			fence = &f
+			fence = f
 		}
 		next := s.Begin(ctx, fence, ms[c[0]:c[1]])
 		finish()

@@ -180,7 +180,7 @@ func (s *Store) Retry(ctx context.Context, f DeadLetterFilter) (Result, error) {
 				if err != nil {
 					return Result{}, err
 				}
-				fences[k] = &fc
+				fences[k] = fc
 			}
 			res, err := under.applyIsolating(ctx, fences[k], msgs, retries)
 			if !errors.Is(err, ErrFenced) {
@@ -238,16 +238,12 @@ type partitionKey struct {
 	partition int
 }
 
-// partitionOf is the partition whose writer holds the project a message
-// stored on subject names: in a partitioned layout the project's partition,
-// whichever form the subject is stored in (a message stored before the
-// layout was switched belongs to the same project's writer now); otherwise,
-// and for a subject naming no project, p1's one.
+// partitionOf is the row of projector_partitions whose writer holds a
+// message stored on subject (events.Layout.SubjectPartition): p1's for a
+// stray, which names no project.
 func partitionOf(layout events.Layout, prefix, subject string) partitionKey {
-	if layout.Partitioned() {
-		if project, _, err := events.ParseSubject(prefix, subject); err == nil {
-			return partitionKey{layout.Name(), events.Partition(project, layout.N())}
-		}
+	if k, ok := layout.SubjectPartition(prefix, subject); ok && layout.Partitioned() {
+		return partitionKey{layout.Name(), k}
 	}
 	return partitionKey{LayoutP1, 0}
 }

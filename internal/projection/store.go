@@ -199,14 +199,14 @@ func (s *Store) reject(ctx context.Context, f *Fence, msg Message, cause error, 
 		detail += ": " + pgErr.Detail
 	}
 	wb := &pgx.Batch{}
-	held := true
-	s.queueHead(wb, s.opts.Gate, f, msg.Seq, &held)
+	var c fenceCheck
+	s.queueHead(wb, s.opts.Gate, f, []fold.Decoded{fold.Decode(s.opts.Prefix, msg)}, &c)
 	wb.Queue(`DELETE FROM projector_dead_letters WHERE stream_seq = $1`, int64(msg.Seq))
 	queueDeadLetters(wb, []Refusal{{Msg: msg, Reason: events.ReasonRejectedByDatabase, Detail: detail}}, s.opts.Prefix, retries)
 	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
 		err := tx.SendBatch(ctx, wb).Close()
-		if err == nil && !held {
-			return fenced(f)
+		if err == nil && f != nil && !c.held() {
+			return c.fenced()
 		}
 		return err
 	})
@@ -340,13 +340,13 @@ func (s *Store) applyOnce(ctx context.Context, b batch) (res Result, drops []dro
 		// exclusive while it moves the tables), so that a stale owner fails
 		// before its other statements wait on anyone's locks.
 		head := &pgx.Batch{}
-		held := true
-		s.queueHead(head, s.opts.Gate, b.fence, b.dec[len(b.dec)-1].Msg.Seq, &held)
+		var c fenceCheck
+		s.queueHead(head, s.opts.Gate, b.fence, b.dec, &c)
 		if err := tx.SendBatch(ctx, head).Close(); err != nil {
 			return Result{}, nil, fmt.Errorf("fence: %w", err)
 		}
-		if !held {
-			return Result{}, nil, fenced(b.fence)
+		if !c.held() {
+			return Result{}, nil, c.fenced()
 		}
 		gated = true
 	}
@@ -447,20 +447,20 @@ func projectsOf(dec []fold.Decoded) []string {
 
 // queueHead queues what a transaction of the store sends first: the rebuild
 // gate (shared) if gate (the store takes it and nothing took it before), then, with a fence, the bound on idle
-// time and the compare-and-set (held is set to whether it held). A fenced
+// time and the compare-and-set of the partitions dec writes to (c reports it). A fenced
 // transaction never waits on its client for long (its statements are
 // pipelined, its commit follows their results at once), so Postgres ends a
 // session idle in one for 5 s and its row locks go with it: an owner stopped
 // mid-transaction (SIGSTOP) does not keep the next owner's acquire waiting.
 // It returns how many statements it queued (the compare-and-set last).
-func (s *Store) queueHead(b *pgx.Batch, gate bool, f *Fence, seq uint64, held *bool) int {
+func (s *Store) queueHead(b *pgx.Batch, gate bool, f *Fence, dec []fold.Decoded, c *fenceCheck) int {
 	n := b.Len()
 	if gate {
 		b.Queue(`SELECT pg_advisory_xact_lock_shared($1::int4, $2::int4)`, gateClass, gateID)
 	}
 	if f != nil {
 		b.Queue(`SELECT set_config('idle_in_transaction_session_timeout', '5s', true)`)
-		queueFence(b, f, seq, held)
+		queueFence(b, f, s.opts.Prefix, dec, c)
 	}
 	return b.Len() - n
 }

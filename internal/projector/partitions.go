@@ -2,6 +2,7 @@ package projector
 
 import (
 	"context"
+	"maps"
 	"slices"
 	"sync"
 	"time"
@@ -16,62 +17,44 @@ import (
 
 // partitions runs this instance's share of a partitioned layout: the group
 // (natsjs.Group: the instances of one durable, in a KV bucket) says which
-// instances are live, natsjs.Assign which partitions are this one's. A
-// partition given to this instance gets a writer and a loop over its
-// durable: the writer acquires the partition's fence at once (from then on
-// the previous owner commits nothing) and unpins the durable, so that the
-// server delivers to this instance without waiting for the old pin to
-// lapse. A partition taken away has its loop stopped: the batch in hand is
-// finished and acked, the rest given back.
+// instances are live, natsjs.Assign which partitions are this one's. One
+// writer and one loop apply them all (docs/engine.md §6): a partition given
+// to this instance is acquired by the writer (from then on the previous
+// owner commits nothing), its durable unpinned (so that the server delivers
+// to this instance without waiting for the old pin to lapse) and attached to
+// the loop; a partition taken away is detached (the batch in hand is
+// finished and acked, what was pulled of it given back) and released.
 type partitions struct {
-	layout    events.Layout
-	cons      []jetstream.Consumer // by partition
-	newWriter func(k int) *Writer
-	cfg       Config
-	js        jetstream.JetStream
-	log       *zap.Logger
-	slots     chan struct{} // the partitions' loops take turns (natsjs.LoopOptions.Slots)
+	layout events.Layout
+	cons   []jetstream.Consumer // by partition
+	w      *Writer
+	loop   *natsjs.Loop
+	cfg    Config
+	js     jetstream.JetStream
+	log    *zap.Logger
 
 	mu      sync.Mutex
-	running map[int]*running
-}
-
-type running struct {
-	p      *part
-	w      *Writer
-	cancel context.CancelFunc
-	done   chan struct{}
-}
-
-// ready: every running partition's loop is.
-func (ps *partitions) ready() bool {
-	ps.mu.Lock()
-	defer ps.mu.Unlock()
-	for _, r := range ps.running {
-		if !r.p.loop.Ready() {
-			return false
-		}
-	}
-	return true
+	running map[int]func() // partition -> its detach
 }
 
 // owned lists the partitions running here.
 func (ps *partitions) owned() []int {
 	ps.mu.Lock()
 	defer ps.mu.Unlock()
-	out := make([]int, 0, len(ps.running))
-	for k := range ps.running {
-		out = append(out, k)
-	}
-	slices.Sort(out)
-	return out
+	return slices.Sorted(maps.Keys(ps.running))
 }
 
-// run follows the group until ctx ends or a partition's loop fails, then
-// stops every partition it runs.
+// run runs the loop and follows the group until ctx ends or the loop fails.
 func (ps *partitions) run(ctx context.Context, group *natsjs.Group) error {
-	ps.running = map[int]*running{}
-	errc := make(chan error, 1)
+	ps.running = map[int]func(){}
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return ps.loop.Run(gctx) })
+	g.Go(func() error { ps.follow(gctx, group); return nil })
+	return g.Wait()
+}
+
+// follow assigns the partitions as the group changes, until ctx ends.
+func (ps *partitions) follow(ctx context.Context, group *natsjs.Group) {
 	defer func() { ps.stop(ps.owned()) }()
 	// Instances started together see each other's first put at once (the
 	// watch is live): the first assignment waits firstAssignment after the
@@ -82,7 +65,7 @@ func (ps *partitions) run(ctx context.Context, group *natsjs.Group) error {
 	for pending == nil {
 		select {
 		case <-ctx.Done():
-			return nil
+			return
 		case pending = <-group.Members():
 		}
 	}
@@ -90,9 +73,7 @@ func (ps *partitions) run(ctx context.Context, group *natsjs.Group) error {
 		var members []string
 		select {
 		case <-ctx.Done():
-			return nil
-		case err := <-errc:
-			return err
+			return
 		case m := <-group.Members():
 			if settled != nil {
 				pending = m
@@ -102,7 +83,7 @@ func (ps *partitions) run(ctx context.Context, group *natsjs.Group) error {
 		case <-settled:
 			settled, members = nil, pending
 		}
-		ps.assign(ctx, group.Self(), members, errc)
+		ps.assign(ctx, group.Self(), members)
 	}
 }
 
@@ -111,72 +92,70 @@ func (ps *partitions) run(ctx context.Context, group *natsjs.Group) error {
 const firstAssignment = 500 * time.Millisecond
 
 // assign runs the partitions members give self, and stops the others.
-func (ps *partitions) assign(ctx context.Context, self string, members []string, errc chan<- error) {
+func (ps *partitions) assign(ctx context.Context, self string, members []string) {
 	want := natsjs.Assign(ps.layout.N(), members, self)
-	var gone []int
+	var gone, fresh []int
 	for _, k := range ps.owned() {
 		if !slices.Contains(want, k) {
 			gone = append(gone, k)
 		}
 	}
 	ps.stop(gone)
+	ps.mu.Lock()
 	for _, k := range want {
-		ps.mu.Lock()
-		_, on := ps.running[k]
-		ps.mu.Unlock()
-		if !on {
-			ps.start(ctx, k, len(want), errc)
+		if ps.running[k] == nil {
+			fresh = append(fresh, k)
 		}
 	}
+	ps.mu.Unlock()
+	ps.start(ctx, fresh, len(want))
 	ps.log.Info("partitions assigned", zap.String("layout", ps.layout.Name()), zap.Int("members", len(members)),
 		zap.Ints("partitions", want), zap.Ints("given_up", gone))
 }
 
-// start runs partition k, one of the share this instance was given.
-func (ps *partitions) start(ctx context.Context, k, share int, errc chan<- error) {
-	kctx, cancel := context.WithCancel(ctx)
-	w := ps.newWriter(k)
-	r := &running{p: newPart(ps.cons[k], w, ps.cfg, false, partitionBuffer(ps.cfg.BatchSize, share), ps.slots),
-		w: w, cancel: cancel, done: make(chan struct{})}
-	ps.mu.Lock()
-	ps.running[k] = r
-	ps.mu.Unlock()
-	go func() { // owner: stop, which waits for done
-		defer close(r.done)
-		defer w.release()
-		if _, err := w.acquired(kctx); err == nil {
-			uctx, ucancel := context.WithTimeout(kctx, 2*time.Second)
+// start runs partitions ks, of the share this instance was given: acquired
+// (one transaction), unpinned, attached to the loop.
+func (ps *partitions) start(ctx context.Context, ks []int, share int) {
+	if len(ks) == 0 {
+		return
+	}
+	if err := ps.w.Acquire(ctx, ks...); err == nil {
+		for _, k := range ks {
+			uctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 			if err := natsjs.Unpin(uctx, ps.js, ps.cfg.Stream, ps.cons[k].CachedInfo().Name); err != nil {
 				ps.log.Debug("unpin", zap.Int("partition", k), zap.Error(err)) // nothing pinned yet, say
 			}
-			ucancel()
-		} else if kctx.Err() == nil {
-			ps.log.Warn("acquire on assignment; the first batch tries again", zap.Int("partition", k), zap.Error(err))
+			cancel()
 		}
-		if err := r.p.loop.Run(kctx); err != nil && kctx.Err() == nil {
-			select {
-			case errc <- err:
-			default:
-			}
+	} else if ctx.Err() == nil {
+		// Wanted all the same: the writer acquires when their messages come.
+		ps.log.Warn("acquire on assignment; the first batch tries again", zap.Ints("partitions", ks), zap.Error(err))
+	}
+	for _, k := range ks {
+		detach, err := ps.loop.Attach(ps.cons[k], partitionBuffer(ps.cfg.BatchSize, share))
+		if err != nil {
+			return // the loop stopped
 		}
-	}()
+		ps.mu.Lock()
+		ps.running[k] = detach
+		ps.mu.Unlock()
+	}
 }
 
-// stop stops the partitions' loops, at once, and waits for them.
+// stop stops pulling partitions ks and releases them.
 func (ps *partitions) stop(ks []int) {
+	if len(ks) == 0 {
+		return
+	}
 	ps.mu.Lock()
-	var rs []*running
 	for _, k := range ks {
-		if r := ps.running[k]; r != nil {
-			r.cancel()
-			rs = append(rs, r)
+		if detach := ps.running[k]; detach != nil {
+			detach()
 			delete(ps.running, k)
 		}
 	}
 	ps.mu.Unlock()
-	for _, r := range rs {
-		<-r.done
-	}
+	ps.w.Release(ks...)
 }
 
 // partitionBuffer is how many messages each of the n partitions an
@@ -201,13 +180,13 @@ const drainPoll = 250 * time.Millisecond
 // partition's writer is its only writer from then on (after the switch the
 // durable gets strays only, which write no project's rows). It returns the
 // first loop's error.
-func runParts(ctx context.Context, rest *part, ps *partitions, group *natsjs.Group, log *zap.Logger) error {
+func runParts(ctx context.Context, rest *natsjs.Loop, restCons jetstream.Consumer, ps *partitions, group *natsjs.Group, log *zap.Logger) error {
 	g, gctx := errgroup.WithContext(ctx)
-	g.Go(func() error { return rest.loop.Run(gctx) })
+	g.Go(func() error { return rest.Run(gctx) })
 	if ps != nil {
 		g.Go(func() error {
 			for {
-				info, err := rest.cons.Info(gctx)
+				info, err := restCons.Info(gctx)
 				if err == nil && info.NumPending == 0 && info.NumAckPending == 0 {
 					break
 				}

@@ -4,7 +4,6 @@
 package projector
 
 import (
-	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -13,6 +12,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"slices"
 	"sync"
 	"time"
 
@@ -166,27 +166,18 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	tel := NewTelemetry()
-	mem := cfg.Memory
-	if layout.Partitioned() {
-		mem = fold.Limits{Projects: cmp.Or(mem.Projects, fold.DefaultLimits.Projects) / layout.N(),
-			IDs: cmp.Or(mem.IDs, fold.DefaultLimits.IDs) / layout.N()}
-	}
-	store := projection.New(pool, projection.Options{Prefix: cfg.Prefix, Gate: true, Logger: log, Observer: tel, Memory: mem})
+	store := projection.New(pool, projection.Options{Prefix: cfg.Prefix, Gate: true, Logger: log, Observer: tel, Memory: cfg.Memory})
 	owner := InstanceID()
-	rest := newPart(cons, NewWriter(store, tel, log, owner, projection.LayoutP1, 0), cfg, !layout.Partitioned(), 0, nil)
+	p1, _ := events.LayoutOf(1)
+	restW := NewWriter(store, tel, log, owner, cfg.Prefix, p1)
+	restW.Want(0)
+	rest := newLoop(cons, restW, cfg, !layout.Partitioned())
 	var ps *partitions
 	var group *natsjs.Group
-	ready := rest.loop.Ready
+	ready := rest.Ready
 	if layout.Partitioned() {
-		// The writers share the pool: each has one batch in flight at a
-		// time, so none holds a connection while it waits for another, and
-		// as many are in flight as the pool has connections, so that a batch
-		// is folded only when it can be written soon (each one in flight
-		// holds its messages, fold and statements).
-		slots := make(chan struct{}, max(int(pool.Config().MaxConns), 1))
-		ps = &partitions{layout: layout, cfg: cfg, js: js, log: log, slots: slots, newWriter: func(k int) *Writer {
-			return NewWriter(store, tel, log, owner, layout.Name(), k)
-		}}
+		w := NewWriter(store, tel, log, owner, cfg.Prefix, layout)
+		ps = &partitions{layout: layout, cfg: cfg, js: js, log: log, w: w, loop: newLoop(nil, w, cfg, true)}
 		for k := range layout.N() {
 			c, err := natsjs.EnsureConsumerConfig(ctx, js, cfg.Stream, natsjs.PartitionConsumerConfig(cfg.Durable, cfg.Prefix, layout, k), log)
 			if err != nil {
@@ -202,7 +193,7 @@ func Run(ctx context.Context, cfg Config) error {
 			defer cancel()
 			group.Leave(lctx)
 		}()
-		ready = func() bool { return rest.loop.Ready() && ps.ready() }
+		ready = func() bool { return rest.Ready() && ps.loop.Ready() }
 	}
 
 	var wg sync.WaitGroup
@@ -250,7 +241,7 @@ func Run(ctx context.Context, cfg Config) error {
 	if cfg.Ready != nil {
 		cfg.Ready(httpAddr)
 	}
-	if err := runParts(ctx, rest, ps, group, log); err != nil {
+	if err := runParts(ctx, rest, cons, ps, group, log); err != nil {
 		return err
 	}
 	// Acks are sent asynchronously: make sure they left before closing.
@@ -261,141 +252,274 @@ func Run(ctx context.Context, cfg Config) error {
 	return nil
 }
 
-// Writer adapts the projection store to the consume loop, as the writer of
-// one partition: p1's (the durable), or one of a partitioned layout's (its
-// partition's durable, given to this instance by the group: partitions.go).
+// Writer adapts the projection store to the consume loop, as the one writer
+// of the partitions it holds: p1's (the durable's), or this instance's share
+// of a partitioned layout (partitions.go: one loop over their durables, one
+// fence, one transaction a batch for all of them: docs/engine.md §6).
 // Every instance that pulls a durable pulls its pinned priority group and the
-// server delivers to one of them;
-// an instance that receives messages without holding the partition acquires
-// it (projection.Store.Acquire: the epoch goes up, every earlier holder is
-// fenced), so the pinned client becomes the writer. A batch fenced at commit
-// (another instance acquired since: projection.ErrFenced) wrote nothing: it
-// is given back unacked (natsjs.ErrGiveBack), the fence dropped, and the
+// server delivers to one of them; a writer that receives messages of a
+// partition it wants (Want) without holding it acquires it
+// (projection.Store.AcquireHolds: the epoch goes up, every earlier holder is
+// fenced), so the pinned client becomes the writer. A batch's messages of a
+// partition fenced at commit (another instance acquired it since:
+// projection.FencedError) wrote nothing: they are given back unacked
+// (natsjs.GiveBack), the rest of the batch applied without them, and the
 // instance goes on pulling; it acquires again when messages reach it.
+// Messages of a partition it no longer wants (Release: given to another
+// instance) are given back.
 //
 // Begin starts a batch (projection.Store.Begin: folded and sent, not
 // committed) for the loop to finish after it has begun the next; Handle
-// applies one at once (the loop's retries). Both are called by one loop, one
-// batch at a time: the writer owns its fence.
+// applies one at once (the loop's retries). The loop calls them one batch at
+// a time; Acquire and Release may come from another goroutine (the
+// partitions' supervisor): a mutex orders them with the batches.
 type Writer struct {
-	store     *projection.Store
-	tel       *Telemetry
-	log       *zap.Logger
-	owner     string // names the instance in projector_partitions and the logs
-	layout    string // the partition's row of projector_partitions
-	partition int
-	fence     *projection.Fence
-	held      float64 // what this writer adds to tel.Remembered
+	store  *projection.Store
+	tel    *Telemetry
+	log    *zap.Logger
+	owner  string // names the instance in projector_partitions and the logs
+	prefix string
+	layout events.Layout
+
+	mu    sync.Mutex
+	fence *projection.Fence
+	want  map[int]bool
+	owned float64 // what this writer adds to tel.Owned
+	held  float64 // what this writer adds to tel.Remembered
 }
 
-// NewWriter returns the writer of layout's partition for the instance owner.
-func NewWriter(store *projection.Store, tel *Telemetry, log *zap.Logger, owner, layout string, partition int) *Writer {
-	return &Writer{store: store, tel: tel, log: log, owner: owner, layout: layout, partition: partition}
+// NewWriter returns a writer of layout's partitions for the instance owner,
+// wanting none yet (Want, Acquire).
+func NewWriter(store *projection.Store, tel *Telemetry, log *zap.Logger, owner, prefix string, layout events.Layout) *Writer {
+	f, err := store.NewFence(layout.Name())
+	if err != nil {
+		panic(err) // a Layout's name always parses
+	}
+	return &Writer{store: store, tel: tel, log: log, owner: owner, prefix: prefix, layout: layout, fence: f, want: map[int]bool{}}
 }
 
-// remembered sets this writer's share of the memory gauge.
-func (w *Writer) remembered(n float64) {
-	w.tel.Remembered.Add(n - w.held)
-	w.held = n
+// Want makes the writer acquire partitions ks when their messages reach it.
+func (w *Writer) Want(ks ...int) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for _, k := range ks {
+		w.want[k] = true
+	}
 }
 
-// Handle applies msgs under the writer's fence (natsjs.Handler).
-func (w *Writer) Handle(ctx context.Context, msgs []jetstream.Msg) error {
-	f, err := w.acquired(ctx)
+// Acquire wants partitions ks and acquires those it does not hold, in one
+// transaction (batches wait for it).
+func (w *Writer) Acquire(ctx context.Context, ks ...int) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for _, k := range ks {
+		w.want[k] = true
+	}
+	return w.acquire(ctx, ks)
+}
+
+func (w *Writer) acquire(ctx context.Context, ks []int) error {
+	var missing []int
+	for _, k := range ks {
+		if !w.fence.Holds(k) {
+			missing = append(missing, k)
+		}
+	}
+	if len(missing) == 0 {
+		return nil
+	}
+	a, err := w.store.AcquireHolds(ctx, w.layout.Name(), w.owner, missing...)
 	if err != nil {
 		return err
 	}
-	start := time.Now()
-	res, err := w.store.Apply(ctx, f, messagesOf(msgs))
-	return w.settled(f, len(msgs), start, res, err)
+	w.fence.Add(a)
+	w.tel.Acquired.Add(float64(len(a.Holds)))
+	for _, h := range a.Holds {
+		w.log.Info("partition acquired", zap.String("layout", a.Layout), zap.Int("partition", h.Partition),
+			zap.Int64("epoch", h.Epoch), zap.Uint64("applied_seq", h.AppliedSeq), zap.String("owner", w.owner))
+	}
+	w.counted()
+	return nil
 }
 
-// Begin starts msgs under the writer's fence (natsjs.Begin).
-func (w *Writer) Begin(ctx context.Context, msgs []jetstream.Msg) func(context.Context) error {
-	start := time.Now()
-	f, err := w.acquired(ctx)
-	if err != nil {
-		return func(context.Context) error { return err } // transient: the loop retries the batch
+// Release stops wanting partitions ks and drops the writer's hold on them
+// (their loop stopped pulling them); their messages still in hand are given
+// back.
+func (w *Writer) Release(ks ...int) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for _, k := range ks {
+		delete(w.want, k)
 	}
-	p := w.store.Begin(ctx, f, messagesOf(msgs))
-	return func(ctx context.Context) error {
-		res, err := p.Finish(ctx)
-		return w.settled(f, len(msgs), start, res, err)
-	}
+	w.fence.Release(ks...)
+	w.counted()
 }
 
-func messagesOf(msgs []jetstream.Msg) []projection.Message {
-	batch := make([]projection.Message, len(msgs))
+// Held lists the partitions the writer holds.
+func (w *Writer) Held() []int {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.fence.Held()
+}
+
+// counted sets this writer's share of the owned and memory gauges.
+func (w *Writer) counted() {
+	owned, held := float64(len(w.fence.Held())), float64(w.fence.Remembered())
+	w.tel.Owned.Add(owned - w.owned)
+	w.tel.Remembered.Add(held - w.held)
+	w.owned, w.held = owned, held
+}
+
+// split is a batch sorted by partition: mine (indices of the messages of
+// held partitions), back (the others, given back), part (each message's
+// partition; -1 for a stray of a partitioned layout).
+type split struct {
+	msgs []jetstream.Msg
+	part []int
+	mine []int
+	back []int
+}
+
+// split sorts msgs, acquiring the wanted partitions it names that the
+// writer does not hold.
+func (w *Writer) split(ctx context.Context, msgs []jetstream.Msg) (*split, error) {
+	s := &split{msgs: msgs, part: make([]int, len(msgs))}
+	var acquire []int
 	for i, m := range msgs {
+		k, ok := w.layout.SubjectPartition(w.prefix, m.Subject())
+		if !ok {
+			k = -1
+		}
+		s.part[i] = k
+		if ok && w.want[k] && !w.fence.Holds(k) && !slices.Contains(acquire, k) {
+			acquire = append(acquire, k)
+		}
+	}
+	if len(acquire) > 0 {
+		if err := w.acquire(ctx, acquire); err != nil {
+			return nil, err // transient: the loop retries the batch
+		}
+	}
+	for i, k := range s.part {
+		if k >= 0 && w.fence.Holds(k) {
+			s.mine = append(s.mine, i)
+		} else {
+			s.back = append(s.back, i)
+		}
+	}
+	return s, nil
+}
+
+// messages are the store's messages of mine.
+func (s *split) messages() []projection.Message {
+	batch := make([]projection.Message, len(s.mine))
+	for j, i := range s.mine {
+		m := s.msgs[i]
 		pm := projection.Message{Subject: m.Subject(), Data: m.Data()}
 		if md, err := m.Metadata(); err == nil {
 			pm.Seq, pm.StoredAt = md.Sequence.Stream, md.Timestamp
 		}
-		batch[i] = pm
+		batch[j] = pm
 	}
 	return batch
 }
 
-// acquired returns the writer's fence, acquiring the partition if it holds none.
-func (w *Writer) acquired(ctx context.Context) (*projection.Fence, error) {
-	if w.fence != nil {
-		return w.fence, nil
+// lose moves the messages of partitions ks from mine to back.
+func (s *split) lose(ks []int) {
+	mine := s.mine[:0]
+	for _, i := range s.mine {
+		if slices.Contains(ks, s.part[i]) {
+			s.back = append(s.back, i)
+		} else {
+			mine = append(mine, i)
+		}
 	}
-	f, err := w.store.Acquire(ctx, w.layout, w.partition, w.owner)
-	if err != nil {
-		return nil, err
-	}
-	w.fence = &f
-	w.tel.Acquired.Inc()
-	w.tel.Owned.Inc()
-	w.log.Info("partition acquired", zap.String("layout", f.Layout), zap.Int("partition", f.Partition),
-		zap.Int64("epoch", f.Epoch), zap.Uint64("applied_seq", f.AppliedSeq), zap.String("owner", w.owner))
-	return w.fence, nil
+	s.mine = mine
 }
 
-// release drops the writer's fence, if it holds one (its partition's loop
-// has stopped).
-func (w *Writer) release() {
-	if w.fence != nil {
-		w.tel.Owned.Dec()
-		w.fence = nil
-	}
-	w.remembered(0)
-}
-
-// settled counts what a batch applied under f did, and turns its error into
-// the loop's: fenced (the fence is dropped, if it is still the writer's)
-// gives the batch back, retries exhausted redeliver it later.
-func (w *Writer) settled(f *projection.Fence, n int, start time.Time, res projection.Result, err error) error {
-	if errors.Is(err, projection.ErrFenced) {
-		w.tel.Fenced.Inc()
-		if w.fence == f {
-			w.tel.Owned.Dec()
-			w.log.Warn("partition fenced: another instance acquired it; batch given back unacked",
-				zap.String("layout", f.Layout), zap.Int("partition", f.Partition),
-				zap.Int64("epoch", f.Epoch), zap.Int("messages", n), zap.String("owner", w.owner))
-			w.fence = nil
-			w.remembered(0)
-		}
-		return fmt.Errorf("%w: %w", natsjs.ErrGiveBack, err)
-	}
+// Handle applies msgs under the writer's fence (natsjs.Handler).
+func (w *Writer) Handle(ctx context.Context, msgs []jetstream.Msg) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	s, err := w.split(ctx, msgs)
 	if err != nil {
-		if errors.Is(err, projection.ErrRetriesExhausted) {
-			return fmt.Errorf("%w: %w", natsjs.ErrRedeliverLater, err)
-		}
 		return err
 	}
-	w.tel.Batches.Observe(time.Since(start).Seconds())
-	w.tel.Applied.Add(float64(res.Applied))
-	w.tel.Duplicates.Add(float64(res.Duplicates))
-	w.tel.DeadLettered.Add(float64(res.DeadLettered))
-	w.tel.Redone.Add(float64(res.Redone))
-	w.remembered(float64(f.Remembered()))
-	if res.DeadLettered > 0 {
-		w.log.Warn("dead-lettered messages", zap.Int("count", res.DeadLettered))
+	return w.apply(ctx, s, time.Now(), nil)
+}
+
+// Begin starts msgs under the writer's fence (natsjs.Begin).
+func (w *Writer) Begin(ctx context.Context, msgs []jetstream.Msg) func(context.Context) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	start := time.Now()
+	s, err := w.split(ctx, msgs)
+	if err != nil {
+		return func(context.Context) error { return err } // transient: the loop retries the batch
+	}
+	if len(s.mine) == 0 {
+		return func(ctx context.Context) error {
+			w.mu.Lock()
+			defer w.mu.Unlock()
+			return w.apply(ctx, s, start, nil)
+		}
+	}
+	p := w.store.Begin(ctx, w.fence, s.messages())
+	return func(ctx context.Context) error {
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		return w.apply(ctx, s, start, p.Finish)
+	}
+}
+
+// apply applies the messages of s the writer holds (first, if not nil, is
+// its first attempt: a begun batch's finish), without those of partitions
+// found fenced, and turns the outcome into the loop's: fenced or foreign
+// messages are given back, retries exhausted redeliver the batch later.
+func (w *Writer) apply(ctx context.Context, s *split, start time.Time, first func(context.Context) (projection.Result, error)) error {
+	defer w.counted()
+	for len(s.mine) > 0 {
+		var res projection.Result
+		var err error
+		if first != nil {
+			res, err = first(ctx)
+			first = nil
+		} else {
+			res, err = w.store.Apply(ctx, w.fence, s.messages())
+		}
+		var fe *projection.FencedError
+		if errors.As(err, &fe) {
+			w.tel.Fenced.Inc()
+			w.log.Warn("partitions fenced: another instance acquired them; their messages given back unacked",
+				zap.String("layout", fe.Layout), zap.Ints("partitions", fe.Partitions), zap.String("owner", w.owner))
+			s.lose(fe.Partitions)
+			continue
+		}
+		if err != nil {
+			if errors.Is(err, projection.ErrRetriesExhausted) {
+				return fmt.Errorf("%w: %w", natsjs.ErrRedeliverLater, err)
+			}
+			return err
+		}
+		w.tel.Batches.Observe(time.Since(start).Seconds())
+		w.tel.Applied.Add(float64(res.Applied))
+		w.tel.Duplicates.Add(float64(res.Duplicates))
+		w.tel.DeadLettered.Add(float64(res.DeadLettered))
+		w.tel.Redone.Add(float64(res.Redone))
+		if res.DeadLettered > 0 {
+			w.log.Warn("dead-lettered messages", zap.Int("count", res.DeadLettered))
+		}
+		break
+	}
+	if len(s.back) > 0 {
+		return &natsjs.GiveBack{Back: s.back, Err: errNotHeld}
 	}
 	return nil
 }
+
+// errNotHeld is why a writer gives messages back: their partition is not
+// (or no longer) its own.
+var errNotHeld = errors.New("partition not held by this instance")
 
 // InstanceID names this instance: host, process id and a random suffix (a
 // restarted process with the same pid is another instance).
@@ -438,18 +562,15 @@ func watchLag(ctx context.Context, conses []jetstream.Consumer, tel *Telemetry, 
 	}
 }
 
-// part is one consumer and the loop that applies it with its writer.
-type part struct {
-	cons jetstream.Consumer
-	loop *natsjs.Loop
-}
-
-func newPart(cons jetstream.Consumer, w *Writer, cfg Config, overlap bool, buffer int, slots chan struct{}) *part {
-	opts := natsjs.LoopOptions{BatchSize: cfg.BatchSize, Linger: cfg.Linger, Logger: cfg.Logger, Buffer: buffer, Slots: slots}
+// newLoop is a loop over cons (nil: the partitions attach theirs) applying
+// with w; overlap begins a batch before the one in hand is finished
+// (natsjs.LoopOptions.Begin).
+func newLoop(cons jetstream.Consumer, w *Writer, cfg Config, overlap bool) *natsjs.Loop {
+	opts := natsjs.LoopOptions{BatchSize: cfg.BatchSize, Linger: cfg.Linger, Logger: cfg.Logger}
 	if overlap {
 		opts.Begin = w.Begin
 	}
-	return &part{cons: cons, loop: natsjs.NewLoop(cons, w.Handle, opts)}
+	return natsjs.NewLoop(cons, w.Handle, opts)
 }
 
 // routes serves the probes and metrics. /readyz names what is not ready but

@@ -24,11 +24,11 @@ type Telemetry struct {
 	Batches      prometheus.Histogram
 	Stuck        *prometheus.GaugeVec
 	Dropped      *prometheus.CounterVec
-	Fenced       prometheus.Counter // batches refused at commit: another instance acquired the partition
-	Acquired     prometheus.Counter // acquires of the partition by this instance
-	Owned        prometheus.Gauge   // 1 while this instance holds the partition's current epoch (as far as it knows)
+	Fenced       prometheus.Counter // batches refused at commit: another instance acquired one of their partitions
+	Acquired     prometheus.Counter // partitions acquired by this instance
+	Owned        prometheus.Gauge   // partitions this instance holds the current epoch of (as far as it knows)
 	Redone       prometheus.Counter // batches folded again: the partition's memory took a claimed build or an applied id for new
-	Remembered   prometheus.Gauge   // projects the partition's memory holds
+	Remembered   prometheus.Gauge   // projects the writers' memory holds
 
 	mu      sync.Mutex // guards the rate's sample
 	sampled time.Time
@@ -70,20 +70,20 @@ func NewTelemetry() *Telemetry {
 		}, []string{"field"}),
 		Fenced: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "buildstate_fenced_total",
-			Help: "Batches refused at commit because another instance had acquired the partition since; nothing of them was written or acked.",
+			Help: "Batches refused at commit because another instance had acquired one of their partitions since; nothing of them was written, the messages of those partitions were given back and the rest applied again.",
 		}),
 		Acquired: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "buildstate_partition_acquired_total", Help: "Times this instance acquired the partition (raised its epoch).",
+			Name: "buildstate_partition_acquired_total", Help: "Partitions this instance acquired (raised their epochs), counted once each time.",
 		}),
 		Owned: prometheus.NewGauge(prometheus.GaugeOpts{
-			Name: "buildstate_partition_owned", Help: "1 while this instance holds the partition (from its acquire to a fenced commit), else 0.",
+			Name: "buildstate_partition_owned", Help: "Partitions this instance holds (each from its acquire to its release or a fenced commit).",
 		}),
 		Redone: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "buildstate_batch_redone_total",
 			Help: "Batches folded again on what the store holds: the partition's memory had taken a build claimed before it acquired the partition, or an id applied longer ago than it remembers, for new.",
 		}),
 		Remembered: prometheus.NewGauge(prometheus.GaugeOpts{
-			Name: "buildstate_memory_projects", Help: "Projects the partition's memory holds (bounded by --memory-projects).",
+			Name: "buildstate_memory_projects", Help: "Projects the writers' memory holds (bounded by --memory-projects).",
 		}),
 	}
 	for _, state := range []string{projection.StuckQueued, projection.StuckBuilding} {
