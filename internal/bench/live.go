@@ -8,7 +8,6 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
-	"github.com/buildstate/buildstate/internal/natsjs"
 )
 
 // LiveConfig is one live-latency run.
@@ -101,7 +100,7 @@ func (e *Env) Live(ctx context.Context, cfg LiveConfig) (LiveResult, error) {
 		return res, err
 	}
 	durable := "bench-live"
-	cons, err := natsjs.EnsureConsumer(ctx, e.js, st.Name, durable, st.Prefix, nil)
+	conses, err := e.durables(ctx, st, durable)
 	if err != nil {
 		return res, err
 	}
@@ -110,10 +109,17 @@ func (e *Env) Live(ctx context.Context, cfg LiveConfig) (LiveResult, error) {
 		return res, err
 	}
 	defer p.Kill()
-	// Caught up (on nothing) and pulling: a pull request is waiting.
+	// Caught up (on nothing) and pulling: a pull request is waiting on
+	// every durable (in a partitioned layout, once the partitions are
+	// assigned).
 	for {
-		info, err := cons.Info(ctx)
-		if err == nil && info.NumWaiting > 0 {
+		waiting := 0
+		for _, cons := range conses {
+			if info, err := cons.Info(ctx); err == nil && info.NumWaiting > 0 {
+				waiting++
+			}
+		}
+		if waiting == len(conses) {
 			break
 		}
 		if done, perr := p.Exited(); done {
