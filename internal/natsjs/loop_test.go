@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -160,5 +162,146 @@ func TestLoopBeginsTheNextBatchFirst(t *testing.T) {
 	}
 	if r, ok := pos["retry"]; !ok || r < pos["finish 2"] || r > pos["finish 3"] {
 		t.Errorf("calls %v; want batch 2's failed finish retried with the handler before batch 3 finishes", calls)
+	}
+}
+
+// TestLoopAttachedConsumers: a loop without a consumer of its own applies
+// the consumers attached to it in the same batches; a GiveBack naks the
+// messages it names (they come again) and acks the others; a detached
+// consumer's new messages stay with the server; a stop gives back nothing
+// that was handled.
+func TestLoopAttachedConsumers(t *testing.T) {
+	url, _ := testenv.NATSWith(t, func(*server.Options) {})
+	nc, err := Connect(Client{URL: url}, "test", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if _, err := EnsureStream(ctx, js, "ATTACH", "builds", 1); err != nil {
+		t.Fatal(err)
+	}
+	publish := func(project string, n int) {
+		for range n {
+			if _, err := js.Publish(ctx, "builds."+project+".queued", []byte("x")); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	publish("a", 100)
+	publish("b", 100)
+	conses := map[string]jetstream.Consumer{}
+	for _, p := range []string{"a", "b"} {
+		c := ConsumerConfig("attach-"+p, "builds")
+		c.FilterSubject = "builds." + p + ".*"
+		cons, err := EnsureConsumerConfig(ctx, js, "ATTACH", c, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		conses[p] = cons
+	}
+	var mu sync.Mutex
+	handled := map[string]int{}   // project -> messages handled (acked)
+	delivered := map[uint64]int{} // stream seq -> times the handler saw it
+	gaveBack := 0
+	h := func(_ context.Context, msgs []jetstream.Msg) error {
+		mu.Lock()
+		defer mu.Unlock()
+		var back []int
+		for i, m := range msgs {
+			md, _ := m.Metadata()
+			delivered[md.Sequence.Stream]++
+			if m.Subject() == "builds.b.queued" && gaveBack == 0 {
+				back = append(back, i)
+			}
+		}
+		for i, m := range msgs {
+			if !slices.Contains(back, i) {
+				handled[strings.Split(m.Subject(), ".")[1]]++
+			}
+		}
+		if len(back) > 0 {
+			gaveBack = len(back)
+			return &GiveBack{Back: back, Err: errors.New("not mine yet")}
+		}
+		return nil
+	}
+	loop := NewLoop(nil, h, LoopOptions{BatchSize: 50})
+	runCtx, stop := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- loop.Run(runCtx) }()
+	detach := map[string]func(){}
+	for p, cons := range conses {
+		if detach[p], err = loop.Attach(cons, 20); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitHandled := func(a, b int) {
+		t.Helper()
+		deadline := time.Now().Add(30 * time.Second)
+		for {
+			mu.Lock()
+			ok := handled["a"] >= a && handled["b"] >= b
+			mu.Unlock()
+			if ok {
+				return
+			}
+			if time.Now().After(deadline) {
+				mu.Lock()
+				defer mu.Unlock()
+				t.Fatalf("handled %v; want a %d, b %d", handled, a, b)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	waitHandled(100, 100)
+	detach["a"]()
+	time.Sleep(200 * time.Millisecond) // what a's pull had in hand reaches the handler
+	publish("a", 10)
+	publish("b", 10)
+	waitHandled(100, 110)
+	time.Sleep(300 * time.Millisecond)
+	stop()
+	if err := <-done; err != nil {
+		t.Fatalf("Run = %v", err)
+	}
+	if _, err := loop.Attach(conses["a"], 0); err == nil {
+		t.Error("Attach after the loop stopped succeeded")
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if handled["a"] != 100 || handled["b"] != 110 {
+		t.Errorf("handled %v; want a 100 (its last 10 published after the detach), b 110", handled)
+	}
+	if gaveBack == 0 {
+		t.Fatal("no batch held b's messages: the test gave nothing back")
+	}
+	again := 0
+	for _, n := range delivered {
+		if n > 1 {
+			again++
+		}
+	}
+	if again != gaveBack {
+		t.Errorf("%d messages seen twice; want the %d given back", again, gaveBack)
+	}
+	ia, err := conses["a"].Info(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ib, err := conses["b"].Info(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ia.NumPending != 10 || ia.NumAckPending != 0 || ia.AckFloor.Consumer != 100 {
+		t.Errorf("a after its detach: %d pending, %d unacked, ack floor %d; want 10, 0, 100", ia.NumPending, ia.NumAckPending, ia.AckFloor.Consumer)
+	}
+	if ib.NumPending != 0 || ib.NumAckPending != 0 {
+		t.Errorf("b: %d pending, %d unacked; want 0, 0", ib.NumPending, ib.NumAckPending)
 	}
 }

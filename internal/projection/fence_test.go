@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"testing"
 	"time"
 
@@ -271,5 +272,81 @@ func TestMemoryReadsAColdBuild(t *testing.T) {
 		if res, err := s.Apply(ctx, f, msgs(t, uint64(31+i), ev)); err != nil || res.Applied != 1 || res.Redone != 0 {
 			t.Errorf("p-2 batch %d = %+v, %v; want 1 applied, none folded again", i, res, err)
 		}
+	}
+}
+
+// One fence holds several partitions of a layout (the engine's: one
+// transaction a batch for all of an instance's partitions). A batch writing
+// to two of them, one of which another instance acquired since, commits
+// nothing and names that partition (FencedError); the fence drops it, and
+// the batch's messages of the other partition then commit under the fence,
+// moving only that partition's checkpoint.
+func TestFenceOfSeveralPartitions(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	s := newStore(t, projection.Options{Gate: true})
+	layout, _ := events.LayoutOf(4)
+	// Two projects of different partitions.
+	var px, py string
+	for i := 0; py == ""; i++ {
+		p := fmt.Sprintf("p-%d", i)
+		switch {
+		case px == "":
+			px = p
+		case events.Partition(p, 4) != events.Partition(px, 4):
+			py = p
+		}
+	}
+	kx, ky := events.Partition(px, 4), events.Partition(py, 4)
+	f, err := s.NewFence(layout.Name())
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := s.AcquireHolds(ctx, layout.Name(), "a", kx, ky)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.Add(a)
+	if got := f.Held(); fmt.Sprint(got) != fmt.Sprint(slices.Sorted(slices.Values([]int{kx, ky}))) {
+		t.Fatalf("Held = %v; want [%d %d]", got, kx, ky)
+	}
+	x, y := msgs(t, 1, deployed(px, "b-x", shadowT0)...), msgs(t, 5, deployed(py, "b-y", shadowT0)...)
+	if res, err := s.Apply(ctx, f, slices.Concat(x[:2], y[:2])); err != nil || res.Applied != 4 {
+		t.Fatalf("Apply of both partitions = %+v, %v; want 4 applied", res, err)
+	}
+	if _, err := s.Acquire(ctx, layout.Name(), ky, "b"); err != nil {
+		t.Fatal(err)
+	}
+	_, err = s.Apply(ctx, f, slices.Concat(x[2:], y[2:]))
+	var fe *projection.FencedError
+	if !errors.As(err, &fe) || !errors.Is(err, projection.ErrFenced) || fmt.Sprint(fe.Partitions) != fmt.Sprint([]int{ky}) {
+		t.Fatalf("Apply after %d was acquired by b = %v; want a FencedError naming [%d]", ky, err, ky)
+	}
+	if f.Holds(ky) || !f.Holds(kx) {
+		t.Fatalf("Held = %v; want only %d", f.Held(), kx)
+	}
+	if n := appliedIDs(t, s); n != 4 {
+		t.Fatalf("%d ids applied after the fenced batch; want 4 (nothing of it)", n)
+	}
+	if res, err := s.Apply(ctx, f, x[2:]); err != nil || res.Applied != 2 {
+		t.Fatalf("Apply of %d's rest = %+v, %v; want 2 applied", kx, res, err)
+	}
+	rows, err := s.Partitions(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[int]projection.PartitionRow{}
+	for _, r := range rows {
+		got[r.Partition] = r
+	}
+	if r := got[kx]; r.Epoch != 1 || r.AppliedSeq != 4 || r.Owner != "a" {
+		t.Errorf("partition %d = %+v; want epoch 1, applied_seq 4, owner a", kx, r)
+	}
+	if r := got[ky]; r.Epoch != 2 || r.AppliedSeq != 6 || r.Owner != "b" {
+		t.Errorf("partition %d = %+v; want epoch 2, applied_seq 6 (a's first batch), owner b", ky, r)
+	}
+	// A batch naming a partition the fence does not hold is refused whole.
+	if _, err := s.Apply(ctx, f, y[2:]); err == nil || errors.Is(err, projection.ErrFenced) {
+		t.Errorf("Apply of a partition not held = %v; want an error that is not ErrFenced", err)
 	}
 }
