@@ -194,8 +194,8 @@ func openLog(c *common, log *zap.Logger) (replay.Log, *nats.Conn, error) {
 	}
 	lg := replay.Log{JS: js, Stream: c.cfg.Stream, Prefix: c.cfg.Prefix}
 	// A stream not there yet is read as p1; the command's own read says so.
-	if layout, err := natsjs.StreamLayout(context.Background(), js, c.cfg.Stream, c.cfg.Prefix); err == nil {
-		lg.Layout = layout
+	if layout, former, err := natsjs.StreamLayout(context.Background(), js, c.cfg.Stream, c.cfg.Prefix); err == nil {
+		lg.Layout, lg.Former = layout, former
 	} else if !errors.Is(err, jetstream.ErrStreamNotFound) {
 		nc.Close()
 		return replay.Log{}, nil, err

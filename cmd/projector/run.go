@@ -187,6 +187,7 @@ func runProjector(ctx context.Context, args []string, getenv func(string) string
 		return fmt.Errorf("PROJECTOR_PARTITIONS: %w", err)
 	}
 	fs.IntVar(&c.cfg.Partitions, "partitions", partitions, "the stream's partition count, chosen once per stream: 1 keeps subjects as published; n > 1 partitions them by project (a stream of 1 is switched at start; every projector of the stream must say the same) (env PROJECTOR_PARTITIONS)")
+	fs.BoolVar(&c.cfg.Repartition, "repartition", false, "switch a stream partitioned with another count to --partitions: stop every projector first, start one with this flag, then the others without it (docs/engine.md §9)")
 	replicas, err := strconv.Atoi(envOr(getenv, "BUILDS_STREAM_REPLICAS", "1"))
 	if err != nil {
 		return fmt.Errorf("BUILDS_STREAM_REPLICAS: %w", err)

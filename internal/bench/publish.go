@@ -79,7 +79,7 @@ func (e *Env) NewStream(ctx context.Context, label string) (Stream, error) {
 		return Stream{}, err
 	}
 	s := Stream{Name: "BENCH_" + label + "_" + randomSuffix(), Prefix: "bench" + label + randomSuffix(), Layout: layout}
-	if _, _, err := natsjs.EnsureLayout(ctx, e.js, s.Name, s.Prefix, 1, layout, nil); err != nil {
+	if _, _, err := natsjs.EnsureLayout(ctx, e.js, s.Name, s.Prefix, 1, layout, false, nil); err != nil {
 		return Stream{}, err
 	}
 	return s, nil

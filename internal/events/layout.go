@@ -3,6 +3,7 @@ package events
 import (
 	"fmt"
 	"hash/fnv"
+	"slices"
 	"strconv"
 	"strings"
 )
@@ -68,21 +69,28 @@ func (l Layout) Filter(prefix string, k int) string {
 }
 
 // Subjects are the filters that select every message of the log under
-// prefix: what the transform left alone (published subjects, strays and
-// messages stored before it was added) and, for a partitioned layout, its
-// stored form.
-func (l Layout) Subjects(prefix string) []string {
-	if !l.Partitioned() {
-		return []string{prefix + ".>"}
+// prefix: what the transforms left alone (published subjects, strays and
+// messages stored before the first) and the stored form of l and of every
+// layout the stream had before (former: a repartitioned stream keeps what it
+// stored under its earlier layouts).
+func (l Layout) Subjects(prefix string, former ...Layout) []string {
+	out := []string{prefix + ".>"}
+	for _, x := range append([]Layout{l}, former...) {
+		if f := x.Name() + ".*." + prefix + ".>"; x.Partitioned() && !slices.Contains(out, f) {
+			out = append(out, f)
+		}
 	}
-	return []string{prefix + ".>", l.Name() + ".*." + prefix + ".>"}
+	return out
 }
 
-// ProjectSubjects are the filters of one project's messages, in either form.
-func (l Layout) ProjectSubjects(prefix, projectID string) []string {
+// ProjectSubjects are the filters of one project's messages, in every form
+// (Subjects).
+func (l Layout) ProjectSubjects(prefix, projectID string, former ...Layout) []string {
 	s := []string{Subject(prefix, projectID, "*")}
-	if l.Partitioned() {
-		s = append(s, l.Name()+"."+strconv.Itoa(Partition(projectID, l.N()))+"."+Subject(prefix, projectID, "*"))
+	for _, x := range append([]Layout{l}, former...) {
+		if f := x.Name() + "." + strconv.Itoa(Partition(projectID, x.N())) + "." + Subject(prefix, projectID, "*"); x.Partitioned() && !slices.Contains(s, f) {
+			s = append(s, f)
+		}
 	}
 	return s
 }
@@ -99,6 +107,8 @@ func (l Layout) SubjectPartition(prefix, subject string) (k int, ok bool) {
 	if n, k, _, ok := storedForm(subject); ok && n == l.N() {
 		return k, true
 	}
+	// Published form, or the stored form of a former layout (a repartition's
+	// drain): the project's partition now.
 	if project, _, err := ParseSubject(prefix, subject); err == nil {
 		return Partition(project, l.N()), true
 	}

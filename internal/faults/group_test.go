@@ -21,7 +21,7 @@ import (
 func (r *rig) partitioned(t *testing.T, n int) (events.Layout, []string) {
 	t.Helper()
 	layout := events.Layout{Partitions: n}
-	if _, _, err := natsjs.EnsureLayout(context.Background(), r.js, stream, prefix, 1, layout, nil); err != nil {
+	if _, _, err := natsjs.EnsureLayout(context.Background(), r.js, stream, prefix, 1, layout, false, nil); err != nil {
 		t.Fatal(err)
 	}
 	names := []string{durable}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -119,7 +120,7 @@ func TestPartitionedLayout(t *testing.T) {
 	// replay of the whole log, and a project's view at the end of the log
 	// (status --at) is its row.
 	lg := replay.Log{JS: r.js, Stream: stream, Prefix: prefix}
-	if lg.Layout, err = natsjs.StreamLayout(ctx, r.js, stream, prefix); err != nil || lg.Layout.N() != 4 {
+	if lg.Layout, lg.Former, err = natsjs.StreamLayout(ctx, r.js, stream, prefix); err != nil || lg.Layout.N() != 4 {
 		t.Fatalf("StreamLayout = %v, %v; want p4", lg.Layout, err)
 	}
 	rep, err := replay.Verify(ctx, pool, lg, replay.VerifyOptions{Durable: durable, Store: projection.Options{Prefix: prefix}})
@@ -197,5 +198,117 @@ func (r *rig) waitDrainedAll(t *testing.T, names []string, timeout time.Duration
 			t.Fatalf("backlog not drained in %s: %s", timeout, strings.Join(busy, "; "))
 		}
 		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// TestRepartition changes a partitioned stream's count (p4 → p2) with
+// --repartition: a p4 projector applies a third of a backlog and stops, a
+// third more is stored in p4's form and left unapplied; a p2 projector
+// without --repartition is refused and names the flag; with it, the stream
+// is switched, the drain applies what p4's partitions left (then it, p4's
+// durables and p4's partition rows are deleted), p2's partitions apply the
+// last third. Rows equal the reference, every distinct id applied once, and
+// verify (reading the published form and both stored forms) finds the rows
+// equal to a replay of the whole log.
+func TestRepartition(t *testing.T) {
+	t.Parallel()
+	r := newRig(t)
+	_, names4 := r.partitioned(t, 4)
+	evs := backlog(613, 1200)
+	raw := rawEvents(t, evs)
+	third := len(raw) / 3
+	msgs := r.publishRaw(t, raw[:third])
+	four := func(c *projector.Config) { c.Partitions = 4 }
+	p := startInProcess(t, r, 100, four)
+	r.waitDrainedAll(t, names4, 2*time.Minute, allAlive([]*inProcess{p}))
+	applied := metric(scrape(t, p.addr), "buildstate_events_applied_total")
+	if err, _ := p.stop(t); err != nil {
+		t.Fatalf("p4 projector: %v", err)
+	}
+	msgs = append(msgs, r.publishRaw(t, raw[third:2*third])...) // stored as p4.<k>.…, not applied
+
+	ctx := context.Background()
+	rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	err := projector.Run(rctx, projector.Config{DatabaseURL: r.dbURL, NATS: natsjs.Client{URL: r.natsURL},
+		Stream: stream, Prefix: prefix, Durable: durable, Partitions: 2})
+	if !errors.Is(err, natsjs.ErrLayout) || !strings.Contains(err.Error(), "--partitions 2 --repartition") {
+		t.Fatalf("p2 projector without --repartition on a p4 stream: %v; want ErrLayout naming --repartition", err)
+	}
+
+	two := func(c *projector.Config) { c.Partitions, c.Repartition = 2, true }
+	q := startInProcess(t, r, 100, two)
+	last := r.publishRaw(t, raw[2*third:])
+	msgs = append(msgs, last...)
+	p2 := events.Layout{Partitions: 2}
+	names2 := []string{durable}
+	for k := range 2 {
+		names2 = append(names2, natsjs.PartitionDurable(durable, p2, k))
+	}
+	alive := allAlive([]*inProcess{q})
+	r.waitDrainedAll(t, names2, 2*time.Minute, alive)
+	waitFor(t, time.Minute, "the drain and p4's durables deleted", func() bool {
+		s, err := r.js.Stream(ctx, stream)
+		if err != nil {
+			return false
+		}
+		names := s.ConsumerNames(ctx)
+		var left []string
+		for n := range names.Name() {
+			if !slices.Contains(names2, n) {
+				left = append(left, n)
+			}
+		}
+		return names.Err() == nil && len(left) == 0 || alive() != nil
+	})
+	if err := alive(); err != nil {
+		t.Fatalf("p2 projector stopped: %v\n%s", err, q.logs.String())
+	}
+	x := scrape(t, q.addr)
+	applied += metric(x, "buildstate_events_applied_total")
+	t.Logf("p2 projector: applied %v, duplicates %v, acquired %v", metric(x, "buildstate_events_applied_total"),
+		metric(x, "buildstate_events_duplicates_total"), metric(x, "buildstate_partition_acquired_total"))
+	if err, _ := q.stop(t); err != nil {
+		t.Errorf("p2 projector: Run after stop = %v", err)
+	}
+	want := distinctIDs(evs)
+	if applied != float64(len(want)) {
+		t.Errorf("the projectors applied %v events in all; want %d, each distinct id once", applied, len(want))
+	}
+	assertSameModel(t, r.dbURL, reference(t, msgs), want)
+
+	// The last third is stored in p2's form.
+	s, err := r.js.Stream(ctx, stream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := s.GetMsg(ctx, last[0].Seq)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if project, _, err := events.ParseSubject(prefix, last[0].Subject); err != nil || m.Subject != fmt.Sprintf("p2.%d.%s", events.Partition(project, 2), last[0].Subject) {
+		t.Errorf("message %d stored as %q (%v); want p2's form", last[0].Seq, m.Subject, err)
+	}
+	pool := openPool(t, r.dbURL)
+	rows, err := projection.New(pool, projection.Options{Prefix: prefix}).Partitions(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, row := range rows {
+		got = append(got, fmt.Sprintf("%s/%d", row.Layout, row.Partition))
+	}
+	if strings.Join(got, " ") != "p1/0 p2/0 p2/1" {
+		t.Errorf("projector_partitions rows %v; want p1/0 and p2/0..1 (p4's deleted)", got)
+	}
+	lg := replay.Log{JS: r.js, Stream: stream, Prefix: prefix}
+	if lg.Layout, lg.Former, err = natsjs.StreamLayout(ctx, r.js, stream, prefix); err != nil || lg.Layout != p2 || len(lg.Former) != 1 {
+		t.Fatalf("StreamLayout = %v, former %v, %v; want p2, [p4]", lg.Layout, lg.Former, err)
+	}
+	rep, err := replay.Verify(ctx, pool, lg, replay.VerifyOptions{Durable: durable, Store: projection.Options{Prefix: prefix}})
+	if err != nil || !rep.OK() || rep.Through != msgs[len(msgs)-1].Seq {
+		var b strings.Builder
+		rep.Write(&b)
+		t.Errorf("verify: %v, through %d of %d\n%s", err, rep.Through, msgs[len(msgs)-1].Seq, b.String())
 	}
 }

@@ -5,7 +5,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"slices"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -281,6 +284,10 @@ func (l *Loop) pull(src *source) {
 		}
 		if errors.Is(err, jetstream.ErrConsumerDeleted) || errors.Is(err, jetstream.ErrConsumerNotFound) {
 			l.mu.Lock()
+			if _, attached := l.its[src]; !attached {
+				l.mu.Unlock()
+				return // detached, then deleted: not lost
+			}
 			if l.lostErr == nil {
 				l.lostErr = fmt.Errorf("consumer %s: %w", consumerName(src.cons), err)
 			}
@@ -589,4 +596,97 @@ func (l *Loop) keepInProgress(batch []jetstream.Msg) func() {
 		}
 	}()
 	return func() { close(done); wg.Wait() }
+}
+
+// DrainDurable names the durable that applies what a repartitioned stream
+// stored under its former layout (EnsureDrain).
+func DrainDurable(durable string) string { return durable + "-drain" }
+
+// EnsureDrain makes (or finds) the drain of a repartition from layout from:
+// a durable like ConsumerConfig, filtered to from's stored form, starting
+// after the lowest ack floor of from's partition durables (what no
+// partition's writer acknowledged; above it, what some did comes again and is
+// a duplicate by event id). The projector makes it before it switches the
+// stream, so that a crash in between leaves it to be found at the next start.
+// A drain of another layout still there is an error: one repartition at a
+// time.
+func EnsureDrain(ctx context.Context, js jetstream.JetStream, stream, durable, prefix string, from events.Layout, log *zap.Logger) (jetstream.Consumer, error) {
+	if log == nil {
+		log = zap.NewNop()
+	}
+	want := ConsumerConfig(DrainDurable(durable), prefix)
+	want.Description = fmt.Sprintf("buildstate projector, drain of layout %s", from.Name())
+	want.FilterSubject = ""
+	want.FilterSubjects = []string{from.Name() + ".*." + prefix + ".*.*"}
+	if c, err := js.Consumer(ctx, stream, want.Durable); err == nil {
+		if have := c.CachedInfo().Config.FilterSubjects; !slices.Equal(have, want.FilterSubjects) {
+			return nil, fmt.Errorf("%w: the drain of an earlier repartition (%s, filter %v) has not finished: "+
+				"run the projectors with the stream's layout until it is gone, then repartition", ErrLayout, want.Durable, have)
+		}
+		return c, nil
+	} else if !errors.Is(err, jetstream.ErrConsumerNotFound) {
+		return nil, fmt.Errorf("drain: %w", err)
+	}
+	start := uint64(math.MaxUint64)
+	for k := range from.N() {
+		c, err := js.Consumer(ctx, stream, PartitionDurable(durable, from, k))
+		if err != nil {
+			start = 1 // a partition without its durable: from the start
+			break
+		}
+		start = min(start, c.CachedInfo().AckFloor.Stream+1)
+	}
+	if start > 1 {
+		want.DeliverPolicy, want.OptStartSeq = jetstream.DeliverByStartSequencePolicy, start
+	}
+	c, err := js.CreateConsumer(ctx, stream, want)
+	if err != nil {
+		return nil, fmt.Errorf("drain: %w", err)
+	}
+	log.Info("repartition: drain of the former layout made", zap.String("durable", want.Durable),
+		zap.String("layout", from.Name()), zap.Uint64("from_seq", max(start, 1)))
+	return c, nil
+}
+
+// DrainFinished deletes, once a repartition's drain has applied everything,
+// the drain and every partition durable of durable's that is not of layout
+// keep.
+func DrainFinished(ctx context.Context, js jetstream.JetStream, stream, durable string, keep events.Layout, log *zap.Logger) error {
+	if log == nil {
+		log = zap.NewNop()
+	}
+	s, err := js.Stream(ctx, stream)
+	if err != nil {
+		return fmt.Errorf("drain finished: %w", err)
+	}
+	names := s.ConsumerNames(ctx)
+	var gone []string
+	for name := range names.Name() {
+		rest, ok := strings.CutPrefix(name, durable+"-p")
+		if name == DrainDurable(durable) || ok && !strings.HasPrefix(rest, strconv.Itoa(keep.N())+"-") {
+			gone = append(gone, name)
+		}
+	}
+	if err := names.Err(); err != nil {
+		return fmt.Errorf("drain finished: %w", err)
+	}
+	// The drain last: a crash before it leaves it, and the next start
+	// finishes this again.
+	slices.SortFunc(gone, func(a, b string) int {
+		return cmp.Compare(boolInt(a == DrainDurable(durable)), boolInt(b == DrainDurable(durable)))
+	})
+	for _, name := range gone {
+		if err := js.DeleteConsumer(ctx, stream, name); err != nil && !errors.Is(err, jetstream.ErrConsumerNotFound) {
+			return fmt.Errorf("drain finished: delete %s: %w", name, err)
+		}
+	}
+	log.Info("repartition: drain finished; the former layout's durables deleted", zap.Strings("deleted", gone))
+	return nil
+}
+
+func boolInt(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }

@@ -139,20 +139,41 @@ func TestEnsureStreamKeepsTheLayout(t *testing.T) {
 		t.Fatal(err)
 	}
 	p4 := events.Layout{Partitions: 4}
-	if _, switched, err := natsjs.EnsureLayout(ctx, js, "BUILDS", "builds", 1, p4, nil); err != nil || !switched {
-		t.Fatalf("EnsureLayout p1 → p4 = %v, switched %v", err, switched)
+	if _, sw, err := natsjs.EnsureLayout(ctx, js, "BUILDS", "builds", 1, p4, false, nil); err != nil || sw == nil || sw.Repartition() {
+		t.Fatalf("EnsureLayout p1 → p4 = %v, switch %+v; want a switch that is not a repartition", err, sw)
 	}
 	if _, err := natsjs.EnsureStream(ctx, js, "BUILDS", "builds", 1); err != nil {
 		t.Fatal(err)
 	}
-	if l, err := natsjs.StreamLayout(ctx, js, "BUILDS", "builds"); err != nil || l != p4 {
-		t.Errorf("layout after EnsureStream = %v, %v; want p4 kept", l, err)
+	if l, former, err := natsjs.StreamLayout(ctx, js, "BUILDS", "builds"); err != nil || l != p4 || len(former) != 0 {
+		t.Errorf("layout after EnsureStream = %v (former %v), %v; want p4 kept, none former", l, former, err)
 	}
-	if _, _, err := natsjs.EnsureLayout(ctx, js, "BUILDS", "builds", 1, events.Layout{Partitions: 8}, nil); !errors.Is(err, natsjs.ErrLayout) {
+	if _, _, err := natsjs.EnsureLayout(ctx, js, "BUILDS", "builds", 1, events.Layout{Partitions: 8}, false, nil); !errors.Is(err, natsjs.ErrLayout) {
 		t.Errorf("EnsureLayout p4 → p8 = %v; want ErrLayout", err)
 	}
-	if _, switched, err := natsjs.EnsureLayout(ctx, js, "BUILDS", "builds", 1, p4, nil); err != nil || switched {
-		t.Errorf("EnsureLayout p4 again = %v, switched %v; want no change", err, switched)
+	if _, sw, err := natsjs.EnsureLayout(ctx, js, "BUILDS", "builds", 1, p4, false, nil); err != nil || sw != nil {
+		t.Errorf("EnsureLayout p4 again = %v, switch %+v; want no change", err, sw)
+	}
+	// A repartition changes the count and keeps the former layout, which
+	// EnsureStream keeps too; back to p4, p8 is the former one.
+	p8 := events.Layout{Partitions: 8}
+	if _, sw, err := natsjs.EnsureLayout(ctx, js, "BUILDS", "builds", 1, p8, true, nil); err != nil || sw == nil || !sw.Repartition() || sw.From != p4 {
+		t.Fatalf("EnsureLayout p4 → p8 with repartition = %v, switch %+v; want a repartition from p4", err, sw)
+	}
+	if _, err := natsjs.EnsureStream(ctx, js, "BUILDS", "builds", 1); err != nil {
+		t.Fatal(err)
+	}
+	if l, former, err := natsjs.StreamLayout(ctx, js, "BUILDS", "builds"); err != nil || l != p8 || fmt.Sprint(former) != fmt.Sprint([]events.Layout{p4}) {
+		t.Errorf("after the repartition: layout %v, former %v, %v; want p8, [p4]", l, former, err)
+	}
+	if got := p8.Subjects("builds", p4); fmt.Sprint(got) != "[builds.> p8.*.builds.> p4.*.builds.>]" {
+		t.Errorf("Subjects = %v; want the published form and both stored forms", got)
+	}
+	if _, _, err := natsjs.EnsureLayout(ctx, js, "BUILDS", "builds", 1, p4, true, nil); err != nil {
+		t.Fatal(err)
+	}
+	if l, former, err := natsjs.StreamLayout(ctx, js, "BUILDS", "builds"); err != nil || l != p4 || fmt.Sprint(former) != fmt.Sprint([]events.Layout{p8}) {
+		t.Errorf("back to p4: layout %v, former %v, %v; want p4, [p8]", l, former, err)
 	}
 }
 

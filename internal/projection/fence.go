@@ -340,6 +340,28 @@ func (c *fenceCheck) read(rows pgx.Rows) error {
 // does not hold: the caller's mistake (it splits a batch by Fence.Holds).
 var errNotHeld = errors.New("batch outside its fence")
 
+// RetireLayouts fences every partition of a layout other than keep and p1
+// (a repartition away from them): their epochs are raised, so that an
+// instance still running the former layout commits nothing from then on.
+func (s *Store) RetireLayouts(ctx context.Context, keep string) error {
+	_, err := s.pool.Exec(ctx, `UPDATE projector_partitions SET epoch = epoch + 1, owner = 'retired: the stream is now ' || $1
+WHERE layout <> $1 AND layout <> $2`, keep, LayoutP1)
+	if err != nil {
+		return fmt.Errorf("retire layouts: %w", err)
+	}
+	return nil
+}
+
+// DropLayouts deletes the partition rows of layouts other than keep and p1
+// (a repartition's drain has applied what they held).
+func (s *Store) DropLayouts(ctx context.Context, keep string) error {
+	_, err := s.pool.Exec(ctx, `DELETE FROM projector_partitions WHERE layout <> $1 AND layout <> $2`, keep, LayoutP1)
+	if err != nil {
+		return fmt.Errorf("drop layouts: %w", err)
+	}
+	return nil
+}
+
 // Partitions lists the rows of projector_partitions (for status and tests).
 func (s *Store) Partitions(ctx context.Context) ([]PartitionRow, error) {
 	rows, err := s.pool.Query(ctx, `SELECT layout, partition, epoch, owner, applied_seq, acquired_at FROM projector_partitions ORDER BY layout, partition`)

@@ -173,20 +173,32 @@ func partitionBuffer(batch, n int) int {
 // drainPoll is how often the partitions' start waits on the durable.
 const drainPoll = 250 * time.Millisecond
 
-// runParts runs the durable's loop and, once the durable has nothing
-// pending or unacknowledged, this instance's share of the partitions (ps;
-// nil in layout p1), until ctx ends: a project's messages stored before the
-// layout was switched are applied before any of its partition's, so its
-// partition's writer is its only writer from then on (after the switch the
-// durable gets strays only, which write no project's rows). It returns the
-// first loop's error.
-func runParts(ctx context.Context, rest *natsjs.Loop, restCons jetstream.Consumer, ps *partitions, group *natsjs.Group, log *zap.Logger) error {
+// runParts runs the durable's loop (with a repartition's drain attached, if
+// drain is not nil) and, once the durable and the drain have nothing pending
+// or unacknowledged, this instance's share of the partitions (ps; nil in
+// layout p1), until ctx ends: a project's messages stored before the layout
+// was switched are applied before any of its partition's, so its partition's
+// writer is its only writer from then on (after the switch the durable gets
+// strays only, which write no project's rows). A drain that has applied
+// everything is deleted, with the former layout's durables and partition
+// rows. It returns the first loop's error.
+func runParts(ctx context.Context, rest *natsjs.Loop, restCons, drain jetstream.Consumer, finishDrain func(context.Context) error, ps *partitions, group *natsjs.Group, log *zap.Logger) error {
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return rest.Run(gctx) })
-	if ps != nil {
-		g.Go(func() error {
-			for {
-				info, err := restCons.Info(gctx)
+	if drain == nil && ps == nil {
+		return g.Wait()
+	}
+	detachDrain := func() {}
+	if drain != nil {
+		var err error
+		if detachDrain, err = rest.Attach(drain, 0); err != nil {
+			return err
+		}
+	}
+	g.Go(func() error {
+		for _, c := range []jetstream.Consumer{restCons, drain} {
+			for c != nil {
+				info, err := c.Info(gctx)
 				if err == nil && info.NumPending == 0 && info.NumAckPending == 0 {
 					break
 				}
@@ -196,9 +208,18 @@ func runParts(ctx context.Context, rest *natsjs.Loop, restCons jetstream.Consume
 				case <-time.After(drainPoll):
 				}
 			}
-			log.Info("partitions starting: the durable has applied what was stored before the layout", zap.Int("partitions", ps.layout.N()))
-			return ps.run(gctx, group)
-		})
-	}
+		}
+		if drain != nil {
+			detachDrain()
+			if err := finishDrain(gctx); err != nil {
+				return err
+			}
+		}
+		if ps == nil {
+			return nil
+		}
+		log.Info("partitions starting: the durable has applied what was stored before the layout", zap.Int("partitions", ps.layout.N()))
+		return ps.run(gctx, group)
+	})
 	return g.Wait()
 }

@@ -44,10 +44,13 @@ type Config struct {
 	BatchSize   int
 	Linger      time.Duration
 	// Partitions is the stream's partition count (events.Layout; 0 or 1:
-	// one partition, the stream as published). With n > 1 the instance runs
-	// a writer for each of the n partitions' durables, besides the durable
+	// one partition, the stream as published). With n > 1 the instance
+	// applies its share of the n partitions' durables, besides the durable
 	// that reads what was stored before the layout was switched.
 	Partitions int
+	// Repartition lets a stream partitioned with another count switch to
+	// Partitions (docs/engine.md §9): without it that is refused.
+	Repartition bool
 	// Memory bounds what the partitions' owner keeps between batches
 	// (fold.Memory), for the instance: each of n partitions keeps 1/n of
 	// it. Zero fields take fold.DefaultLimits.
@@ -156,7 +159,16 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	defer nc.Close()
-	if _, _, err := natsjs.EnsureLayout(ctx, js, cfg.Stream, cfg.Prefix, cfg.Replicas, layout, log); err != nil {
+	if cfg.Repartition {
+		// The drain before the switch: a crash in between leaves it for
+		// the next start.
+		if have, _, err := natsjs.StreamLayout(ctx, js, cfg.Stream, cfg.Prefix); err == nil && have.Partitioned() && have != layout {
+			if _, err := natsjs.EnsureDrain(ctx, js, cfg.Stream, cfg.Durable, cfg.Prefix, have, log); err != nil {
+				return err
+			}
+		}
+	}
+	if _, _, err := natsjs.EnsureLayout(ctx, js, cfg.Stream, cfg.Prefix, cfg.Replicas, layout, cfg.Repartition, log); err != nil {
 		return err
 	}
 	// The durable reads the stream as published: all of it in layout p1;
@@ -165,6 +177,15 @@ func Run(ctx context.Context, cfg Config) error {
 	if err != nil {
 		return err
 	}
+	// A repartition's drain, while it lasts, is the durable's second
+	// consumer: its writer applies what the former layout's partitions left.
+	drain, err := js.Consumer(ctx, cfg.Stream, natsjs.DrainDurable(cfg.Durable))
+	if errors.Is(err, jetstream.ErrConsumerNotFound) {
+		drain, err = nil, nil
+	}
+	if err != nil {
+		return fmt.Errorf("drain: %w", err)
+	}
 	tel := NewTelemetry()
 	store := projection.New(pool, projection.Options{Prefix: cfg.Prefix, Gate: true, Logger: log, Observer: tel, Memory: cfg.Memory})
 	owner := InstanceID()
@@ -172,6 +193,12 @@ func Run(ctx context.Context, cfg Config) error {
 	restW := NewWriter(store, tel, log, owner, cfg.Prefix, p1)
 	restW.Want(0)
 	rest := newLoop(cons, restW, cfg, !layout.Partitioned())
+	if drain != nil {
+		// No instance of the former layout commits from now on.
+		if err := store.RetireLayouts(ctx, layout.Name()); err != nil {
+			return err
+		}
+	}
 	var ps *partitions
 	var group *natsjs.Group
 	ready := rest.Ready
@@ -241,7 +268,13 @@ func Run(ctx context.Context, cfg Config) error {
 	if cfg.Ready != nil {
 		cfg.Ready(httpAddr)
 	}
-	if err := runParts(ctx, rest, cons, ps, group, log); err != nil {
+	finishDrain := func(ctx context.Context) error {
+		if err := natsjs.DrainFinished(ctx, js, cfg.Stream, cfg.Durable, layout, log); err != nil {
+			return err
+		}
+		return store.DropLayouts(ctx, layout.Name())
+	}
+	if err := runParts(ctx, rest, cons, drain, finishDrain, ps, group, log); err != nil {
 		return err
 	}
 	// Acks are sent asynchronously: make sure they left before closing.

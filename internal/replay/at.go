@@ -49,7 +49,7 @@ func ProjectAt(ctx context.Context, log Log, project string, at At) (ProjectView
 		to = min(at.Seq, h.Last)
 	}
 	f := NewFold(log.Prefix)
-	span := Span{Filters: log.Layout.ProjectSubjects(log.Prefix, project), To: to, Until: at.Time, Batch: 1000}
+	span := Span{Filters: log.Layout.ProjectSubjects(log.Prefix, project, log.Former...), To: to, Until: at.Time, Batch: 1000}
 	err = log.Read(ctx, span, func(msgs []projection.Message) error {
 		for _, m := range msgs {
 			if _, err := f.Add(m.Seq, m.Subject, m.Data, m.StoredAt); err != nil && !errors.Is(err, events.ErrInvalid) {

@@ -27,7 +27,10 @@ type Log struct {
 	Prefix string
 	// Layout is the stream's (natsjs.StreamLayout): a partitioned stream
 	// holds its messages under two subject forms, both read. Zero: p1.
+	// Former are the partitioned layouts it had before (a repartition),
+	// whose stored forms are read too.
 	Layout events.Layout
+	Former []events.Layout
 }
 
 // History is the extent of the stream.
@@ -127,7 +130,7 @@ func (l Log) Read(ctx context.Context, span Span, fn func([]projection.Message) 
 		filters = append([]string{span.Filter}, filters...)
 	}
 	if len(filters) == 0 {
-		filters = l.Layout.Subjects(l.Prefix)
+		filters = l.Layout.Subjects(l.Prefix, l.Former...)
 	}
 	if span.Batch <= 0 {
 		span.Batch = DefaultBatch
