@@ -11,24 +11,27 @@ import (
 
 // Pending is a batch Store.Begin started under a fence: read, folded on the
 // fence's memory, its writes (the compare-and-set first) sent in one
-// pipeline and not waited for. Finish waits for them and commits.
+// pipeline; a goroutine of its own reads their results and commits the
+// moment they are in (or rolls back), and Finish waits for that outcome.
 //
-// This is how the partition's writer overlaps its work with Postgres's
-// (docs/engine.md, step 4): while Postgres executes batch N's writes, the
-// writer folds batch N+1 on the memory as batch N left it. Batch N+1's
-// compare-and-set waits on the partition's row, which batch N's transaction
-// holds, so the two commit in order; their reads take no locks. If batch N
-// does not commit, what batch N+1 was folded on is wrong: N's Finish forgets
-// the memory, rolls N+1 back, and N+1's Finish applies it again as Apply
-// does. The caller finishes pendings in the order it began them, on one
-// goroutine (the fence's).
+// This is how the writer overlaps its work with Postgres's (docs/engine.md,
+// step 4): while Postgres executes batch N's writes, the writer folds batch
+// N+1 on the memory as batch N left it. Batch N+1's compare-and-set waits on
+// the partitions' rows, which batch N's transaction holds, so the two commit
+// in order; their reads take no locks. N commits as soon as its results are
+// in, not once the writer is done folding N+1, so N+1's statements do not
+// wait for the writer either. If batch N does not commit, what batch N+1 was
+// folded on is wrong: N+1's goroutine, which commits only after N's did,
+// rolls it back, N's Finish forgets the memory, and N+1's Finish applies it
+// again as Apply does. The caller finishes pendings in the order it began
+// them, on one goroutine (the fence's).
 //
 // Batch N+1's pipeline is sent only once batch N's compare-and-set has
-// answered (waitHead): two pipelines sent on two connections run in no
-// given order, and had N+1's taken the partition's row first, N's would
-// wait for N+1's commit while the client waits for N's results, until
-// Postgres ended N+1's session idle in transaction (5 s; measured at live
-// rates before this rule).
+// answered (headDone): two pipelines sent on two connections run in no
+// given order, and had N+1's taken the partitions' rows first, N's would
+// wait for N+1's commit, which waits for N's, until Postgres ended N+1's
+// session idle in transaction (5 s; measured at live rates before this
+// rule).
 type Pending struct {
 	s     *Store
 	f     *Fence
@@ -38,16 +41,27 @@ type Pending struct {
 	check fenceCheck // the compare-and-set's outcome
 	raced bool       // a claim or id was there already (errRaced)
 	// head is how many statements come first, the compare-and-set last;
-	// waited says they were read (waitHead), headErr what that read got.
-	head    int
-	waited  bool
-	headErr error
-	res     Result
-	drops   []droppedField
+	// headDone is closed once their results were read (headErr).
+	head     int
+	headDone chan struct{}
+	headErr  error
+	// done is closed once the transaction committed (err nil) or rolled
+	// back (err says why).
+	done  chan struct{}
+	err   error
+	res   Result
+	drops []droppedField
 	// again: nothing is in flight; Finish applies the batch as Apply does.
 	again bool
-	next  *Pending // begun after this one while this one was open
 }
+
+// errPredecessor is a pending batch rolled back because the one begun
+// before it did not commit (it was folded on that one's writes).
+var errPredecessor = errors.New("the batch begun before did not commit")
+
+// errHeadFenced marks a pending batch whose compare-and-set missed
+// partitions (Finish turns it into the fence's FencedError).
+var errHeadFenced = errors.New("fenced")
 
 // Begin starts msgs under the fence f (see Pending). Without a fence, or
 // with a fence without memory, the batch is applied at Finish (Apply).
@@ -60,18 +74,17 @@ func (s *Store) Begin(ctx context.Context, f *Fence, msgs []Message) *Pending {
 	prev := f.open
 	f.open = p
 	if prev != nil {
-		prev.next = p
 		if prev.again || !s.overlap {
 			// The batch before was not sent, so the memory lacks it: this
 			// one waits for it too. Or the pool has one connection, which
 			// the batch before holds until it finishes.
 			return p
 		}
-		if prev.waitHead(); prev.headErr != nil || !prev.check.held() {
+		if <-prev.headDone; prev.headErr != nil || !prev.check.held() {
 			return p // the batch before will not commit: this one waits for it
 		}
 	}
-	if err := p.send(ctx); err != nil {
+	if err := p.send(ctx, prev); err != nil {
 		s.opts.Logger.Debug("batch not begun; applied at finish", zap.Error(err))
 		return p
 	}
@@ -81,9 +94,9 @@ func (s *Store) Begin(ctx context.Context, f *Fence, msgs []Message) *Pending {
 
 // send begins the transaction, reads what the memory misses (taking the
 // rebuild gate if anything is read), folds, and sends the rebuild gate (if
-// not taken), the compare-and-set and the writes in one pipeline; once sent,
-// the memory keeps the batch.
-func (p *Pending) send(ctx context.Context) error {
+// not taken), the compare-and-set and the writes in one pipeline, whose
+// results settle reads; once sent, the memory keeps the batch.
+func (p *Pending) send(ctx context.Context, prev *Pending) error {
 	s := p.s
 	b := s.prepare(p.msgs, nil)
 	b.fence = p.f
@@ -102,42 +115,31 @@ func (p *Pending) send(ctx context.Context) error {
 	p.tx, p.br = tx, tx.SendBatch(ctx, wb)
 	p.res, p.drops = res, drops
 	p.f.mem.Keep(part, projectsOf(b.dec))
+	p.headDone, p.done = make(chan struct{}), make(chan struct{})
+	go p.settle(context.WithoutCancel(ctx), prev) // owner: Finish, which waits for done
 	return nil
 }
 
-// waitHead reads the results of the batch's first statements, up to its
-// compare-and-set (which then holds the partition's row until the batch
-// ends, if it held), once.
-func (p *Pending) waitHead() {
-	if p.waited {
-		return
-	}
-	p.waited = true
+// settle reads the batch's results, the head first (closing headDone), and
+// commits once they are all in and the batch before (prev) committed, or
+// rolls back. It touches nothing but the pending's own fields: what a
+// failure means for the fence and its memory, Finish does.
+func (p *Pending) settle(ctx context.Context, prev *Pending) {
+	defer close(p.done)
 	for range p.head - 1 {
 		if _, err := p.br.Exec(); err != nil {
 			p.headErr = err
-			return
+			break
 		}
 	}
-	rows, err := p.br.Query()
-	if err != nil {
+	if p.headErr == nil {
+		rows, err := p.br.Query()
+		if err == nil {
+			err = p.check.read(rows)
+		}
 		p.headErr = err
-		return
 	}
-	p.headErr = p.check.read(rows)
-}
-
-// Finish waits for the batch's writes and commits them, or applies the batch
-// again as Apply does when they failed or were never sent. It returns what
-// Apply returns (ErrFenced when the fence no longer holds).
-func (p *Pending) Finish(ctx context.Context) (Result, error) {
-	f := p.f
-	if f != nil && f.open == p {
-		f.open = nil
-	}
-	if p.again {
-		return p.s.Apply(ctx, f, p.msgs)
-	}
+	close(p.headDone)
 	err := p.headErr
 	if cerr := p.br.Close(); err == nil {
 		err = cerr
@@ -146,44 +148,63 @@ func (p *Pending) Finish(ctx context.Context) (Result, error) {
 	case err != nil:
 		err = fmt.Errorf("write: %w", err)
 	case !p.check.held():
-		err = p.check.fenced()
+		err = errHeadFenced
 	case p.raced:
 		err = errRaced
-	default:
-		if err = p.tx.Commit(ctx); err == nil {
-			p.s.reportDropped(p.drops)
-			return p.res, nil
+	}
+	if err == nil && prev != nil {
+		if <-prev.done; prev.err != nil {
+			err = errPredecessor
 		}
-		err = fmt.Errorf("commit: %w", err)
 	}
-	_ = p.tx.Rollback(ctx)
+	if err == nil {
+		if err = p.tx.Commit(ctx); err != nil {
+			err = fmt.Errorf("commit: %w", err)
+		}
+	} else {
+		_ = p.tx.Rollback(ctx)
+	}
+	p.err = err
+}
+
+// Finish waits for the batch's commit, or applies the batch again as Apply
+// does when it did not commit or was never sent. It returns what Apply
+// returns (ErrFenced when the fence no longer holds).
+func (p *Pending) Finish(ctx context.Context) (Result, error) {
+	f := p.f
+	if f != nil && f.open == p {
+		f.open = nil
+	}
+	if p.again {
+		return p.s.Apply(ctx, f, p.msgs)
+	}
+	select {
+	case <-p.done:
+	case <-ctx.Done():
+		// Its goroutine commits or rolls back all the same; the caller's
+		// retry applies the batch again (its ids then duplicates).
+		f.mem.Forget()
+		return Result{}, ctx.Err()
+	}
+	err := p.err
+	if err == nil {
+		p.s.reportDropped(p.drops)
+		return p.res, nil
+	}
 	// The memory kept this batch, and the one begun after it was folded on
-	// that: both are wrong now (lost partitions were dropped by fenced).
+	// that: both are wrong now (the one after rolls itself back).
 	f.mem.Forget()
-	if n := p.next; n != nil && !n.again {
-		n.abort(ctx)
-	}
-	if errors.Is(err, ErrFenced) {
-		return Result{}, err
-	}
-	// A retryable write error is counted and logged as Apply's are, the
-	// begun attempt being the first; Apply then makes its own attempts.
-	if !p.s.noteRetry(err, 0) {
+	switch {
+	case errors.Is(err, errHeadFenced):
+		return Result{}, p.check.fenced()
+	case errors.Is(err, errPredecessor):
+		// Not this batch's failure: applied again, as if never begun.
+	case !p.s.noteRetry(err, 0):
+		// A retryable write error is counted and logged as Apply's are,
+		// the begun attempt being the first; Apply then makes its own.
 		p.s.opts.Logger.Debug("begun batch applied again", zap.Error(err))
 	}
 	res, err := p.s.Apply(ctx, f, p.msgs)
 	res.Redone++
 	return res, err
-}
-
-// abort rolls back a batch sent on a memory that turned out wrong (its
-// predecessor did not commit); its Finish applies it again.
-func (p *Pending) abort(ctx context.Context) {
-	// Its statements run once the predecessor's locks go; a retryable
-	// error they hit is counted as a retry.
-	if err := p.br.Close(); err != nil {
-		p.s.noteRetry(err, 0)
-	}
-	_ = p.tx.Rollback(ctx)
-	p.again = true
 }
