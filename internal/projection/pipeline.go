@@ -6,6 +6,7 @@ import (
 	"fmt"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
 	"go.uber.org/zap"
 )
 
@@ -36,7 +37,7 @@ type Pending struct {
 	s     *Store
 	f     *Fence
 	msgs  []Message
-	tx    pgx.Tx
+	conn  *pgxpool.Conn // its transaction's, begun by the pipeline's first statement
 	br    pgx.BatchResults
 	check fenceCheck // the compare-and-set's outcome
 	raced bool       // a claim or id was there already (errRaced)
@@ -92,27 +93,28 @@ func (s *Store) Begin(ctx context.Context, f *Fence, msgs []Message) *Pending {
 	return p
 }
 
-// send begins the transaction, reads what the memory misses (taking the
-// rebuild gate if anything is read), folds, and sends the rebuild gate (if
-// not taken), the compare-and-set and the writes in one pipeline, whose
-// results settle reads; once sent, the memory keeps the batch.
+// send reads what the memory misses (outside the transaction: the fence's
+// writer is the partitions' only one, and a rebuild's swap in between fails
+// the compare-and-set), folds, and sends the transaction in one pipeline:
+// BEGIN, the rebuild gate, the compare-and-set, the writes; settle reads
+// their results and commits. Once sent, the memory keeps the batch.
 func (p *Pending) send(ctx context.Context, prev *Pending) error {
 	s := p.s
 	b := s.prepare(p.msgs, nil)
 	b.fence = p.f
-	tx, err := s.pool.Begin(ctx)
+	part, res, drops, ch, _, err := s.foldBatch(ctx, s.pool, b, false)
+	if err != nil {
+		return err
+	}
+	conn, err := s.pool.Acquire(ctx)
 	if err != nil {
 		return fmt.Errorf("begin: %w", err)
 	}
-	part, res, drops, ch, gated, err := s.foldBatch(ctx, tx, b, s.opts.Gate)
-	if err != nil {
-		_ = tx.Rollback(ctx)
-		return err
-	}
 	wb := &pgx.Batch{}
-	p.head = s.queueHead(wb, s.opts.Gate && !gated, p.f, b.dec, &p.check)
+	wb.Queue(`BEGIN`)
+	p.head = 1 + s.queueHead(wb, s.opts.Gate, p.f, b.dec, &p.check)
 	s.queueWrite(wb, ch, nil, &p.raced)
-	p.tx, p.br = tx, tx.SendBatch(ctx, wb)
+	p.conn, p.br = conn, conn.SendBatch(ctx, wb)
 	p.res, p.drops = res, drops
 	p.f.mem.Keep(part, projectsOf(b.dec))
 	p.headDone, p.done = make(chan struct{}), make(chan struct{})
@@ -157,13 +159,21 @@ func (p *Pending) settle(ctx context.Context, prev *Pending) {
 			err = errPredecessor
 		}
 	}
-	if err == nil {
-		if err = p.tx.Commit(ctx); err != nil {
-			err = fmt.Errorf("commit: %w", err)
-		}
-	} else {
-		_ = p.tx.Rollback(ctx)
+	end := "COMMIT"
+	if err != nil {
+		end = "ROLLBACK"
 	}
+	if _, cerr := p.conn.Exec(ctx, end); cerr != nil {
+		if err == nil {
+			err = fmt.Errorf("commit: %w", cerr)
+		}
+		// The session's state is unknown: it leaves the pool.
+		_ = p.conn.Conn().Close(ctx)
+	} else if err == nil && p.conn.Conn().PgConn().TxStatus() != 'I' {
+		err = fmt.Errorf("commit: the session is still in a transaction (status %c)", p.conn.Conn().PgConn().TxStatus())
+		_ = p.conn.Conn().Close(ctx)
+	}
+	p.conn.Release()
 	p.err = err
 }
 

@@ -297,6 +297,14 @@ func (s *Store) reportDropped(drops []droppedField) {
 	}
 }
 
+// dbtx is where a batch reads: its transaction, or (a begun batch under a
+// fence, which reads only what its memory misses and locks nothing) the
+// pool.
+type dbtx interface {
+	SendBatch(ctx context.Context, b *pgx.Batch) pgx.BatchResults
+	Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error)
+}
+
 // batch is a batch of messages decoded, in sequence order.
 type batch struct {
 	dec []fold.Decoded
@@ -378,7 +386,7 @@ func (s *Store) applyOnce(ctx context.Context, b batch) (res Result, drops []dro
 // fence is the only writer; without one, everything the batch names is read
 // under the advisory locks. gate takes the rebuild gate first, if anything
 // is read; gated reports whether it was taken (if not, the caller takes it).
-func (s *Store) foldBatch(ctx context.Context, tx pgx.Tx, b batch, gate bool) (p *fold.Partition, res Result, drops []droppedField, ch fold.Changes, gated bool, err error) {
+func (s *Store) foldBatch(ctx context.Context, tx dbtx, b batch, gate bool) (p *fold.Partition, res Result, drops []droppedField, ch fold.Changes, gated bool, err error) {
 	var mem *fold.Memory
 	if b.fence != nil {
 		mem = b.fence.mem
@@ -551,7 +559,7 @@ func (s *Store) queueWrite(wb *pgx.Batch, ch fold.Changes, retries map[uint64]in
 // stored facts of their projects (their role holders and the named builds),
 // and, for a memory, the names of every build those projects claimed
 // (fold.Stored.Claimed). With nothing to send it sends nothing.
-func (s *Store) read(ctx context.Context, tx pgx.Tx, dec []fold.Decoded, gate, forMemory bool) (st fold.Stored, sent bool, err error) {
+func (s *Store) read(ctx context.Context, tx dbtx, dec []fold.Decoded, gate, forMemory bool) (st fold.Stored, sent bool, err error) {
 	st = fold.Stored{Projects: map[string]map[string]*fsm.Build{}, Whole: map[string]bool{},
 		Claims: map[string]string{}, IDs: map[string][]byte{}, Claimed: map[string][]string{}}
 	projects, keys, builds, ids := namesOf(dec)
