@@ -206,7 +206,7 @@ func (r *rig) waitDrainedAll(t *testing.T, names []string, timeout time.Duration
 // third more is stored in p4's form and left unapplied; a p2 projector
 // without --repartition is refused and names the flag; with it, the stream
 // is switched, the drain applies what p4's partitions left (then it, p4's
-// durables and p4's partition rows are deleted), p2's partitions apply the
+// durables are deleted, p4's partition rows retired for good), p2's partitions apply the
 // last third. Rows equal the reference, every distinct id applied once, and
 // verify (reading the published form and both stored forms) finds the rows
 // equal to a replay of the whole log.
@@ -297,9 +297,16 @@ func TestRepartition(t *testing.T) {
 	var got []string
 	for _, row := range rows {
 		got = append(got, fmt.Sprintf("%s/%d", row.Layout, row.Partition))
+		if retired := strings.HasPrefix(row.Owner, "retired: "); retired != (row.Layout == "p4") {
+			t.Errorf("partition row %+v: want p4's retired, the others not", row)
+		}
 	}
-	if strings.Join(got, " ") != "p1/0 p2/0 p2/1" {
-		t.Errorf("projector_partitions rows %v; want p1/0 and p2/0..1 (p4's deleted)", got)
+	if strings.Join(got, " ") != "p1/0 p2/0 p2/1 p4/0 p4/1 p4/2 p4/3" {
+		t.Errorf("projector_partitions rows %v; want p1/0, p2/0..1 and p4's four, retired", got)
+	}
+	// A projector still running p4 could not take a partition of it back.
+	if _, err := projection.New(pool, projection.Options{Prefix: prefix}).Acquire(ctx, "p4", 0, "stale"); !errors.Is(err, projection.ErrRetired) {
+		t.Errorf("Acquire of a retired p4 partition = %v; want ErrRetired", err)
 	}
 	lg := replay.Log{JS: r.js, Stream: stream, Prefix: prefix}
 	if lg.Layout, lg.Former, err = natsjs.StreamLayout(ctx, r.js, stream, prefix); err != nil || lg.Layout != p2 || len(lg.Former) != 1 {

@@ -213,8 +213,9 @@ type Loop struct {
 
 // source is one attached consumer's pull.
 type source struct {
-	cons jetstream.Consumer
-	it   jetstream.MessagesContext
+	cons      jetstream.Consumer
+	it        jetstream.MessagesContext
+	transient bool // its deletion is not a loss (AttachTransient)
 }
 
 // NewLoop returns a loop over cons (nil: only what Attach adds) calling h.
@@ -247,6 +248,18 @@ func (l *Loop) Ready() bool { return l.ready.Load() }
 // what it no longer wants), what was not stays with the server. It fails
 // once Run has stopped.
 func (l *Loop) Attach(cons jetstream.Consumer, buffer int) (detach func(), err error) {
+	return l.attach(cons, buffer, false)
+}
+
+// AttachTransient is Attach for a consumer that may be deleted while
+// attached (a repartition's drain, which the instance that finds it
+// drained deletes): its deletion ends its pull, as a detach does, instead
+// of stopping the loop.
+func (l *Loop) AttachTransient(cons jetstream.Consumer, buffer int) (detach func(), err error) {
+	return l.attach(cons, buffer, true)
+}
+
+func (l *Loop) attach(cons jetstream.Consumer, buffer int, transient bool) (detach func(), err error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.closed {
@@ -260,7 +273,7 @@ func (l *Loop) Attach(cons jetstream.Consumer, buffer int) (detach func(), err e
 	if err != nil {
 		return nil, fmt.Errorf("pull messages: %w", err)
 	}
-	src := &source{cons: cons, it: it}
+	src := &source{cons: cons, it: it, transient: transient}
 	l.its[src] = struct{}{}
 	l.pullers.Add(1)
 	go l.pull(src) // owner: Run, which waits for every puller when it stops
@@ -284,9 +297,10 @@ func (l *Loop) pull(src *source) {
 		}
 		if errors.Is(err, jetstream.ErrConsumerDeleted) || errors.Is(err, jetstream.ErrConsumerNotFound) {
 			l.mu.Lock()
-			if _, attached := l.its[src]; !attached {
+			if _, attached := l.its[src]; !attached || src.transient {
+				delete(l.its, src)
 				l.mu.Unlock()
-				return // detached, then deleted: not lost
+				return // detached, then deleted, or expected to go: not lost
 			}
 			if l.lostErr == nil {
 				l.lostErr = fmt.Errorf("consumer %s: %w", consumerName(src.cons), err)
@@ -315,6 +329,9 @@ func (l *Loop) Run(ctx context.Context) error {
 	defer cancel(nil)
 	l.mu.Lock()
 	l.lost = cancel
+	if l.lostErr != nil {
+		cancel(l.lostErr) // lost before Run began
+	}
 	l.mu.Unlock()
 	if l.cons != nil {
 		if _, err := l.Attach(l.cons, 0); err != nil {
@@ -648,6 +665,33 @@ func EnsureDrain(ctx context.Context, js jetstream.JetStream, stream, durable, p
 	return c, nil
 }
 
+// DrainLayout is the layout whose stored form the drain cons reads ("" if
+// it is not a drain).
+func DrainLayout(cons jetstream.Consumer) string {
+	info := cons.CachedInfo()
+	if info == nil || len(info.Config.FilterSubjects) != 1 {
+		return ""
+	}
+	name, _, _ := strings.Cut(info.Config.FilterSubjects[0], ".")
+	return name
+}
+
+// partitionDurableOf says whether name is one of durable's partition
+// durables (PartitionDurable: <durable>-p<n>-<k>), and of which layout.
+func partitionDurableOf(durable, name string) (layout string, ok bool) {
+	rest, ok := strings.CutPrefix(name, durable+"-p")
+	if !ok {
+		return "", false
+	}
+	n, k, ok := strings.Cut(rest, "-")
+	_, err1 := strconv.Atoi(n)
+	_, err2 := strconv.Atoi(k)
+	if !ok || err1 != nil || err2 != nil {
+		return "", false
+	}
+	return "p" + n, true
+}
+
 // DrainFinished deletes, once a repartition's drain has applied everything,
 // the drain and every partition durable of durable's that is not of layout
 // keep.
@@ -662,8 +706,7 @@ func DrainFinished(ctx context.Context, js jetstream.JetStream, stream, durable 
 	names := s.ConsumerNames(ctx)
 	var gone []string
 	for name := range names.Name() {
-		rest, ok := strings.CutPrefix(name, durable+"-p")
-		if name == DrainDurable(durable) || ok && !strings.HasPrefix(rest, strconv.Itoa(keep.N())+"-") {
+		if l, ok := partitionDurableOf(durable, name); name == DrainDurable(durable) || ok && l != keep.Name() {
 			gone = append(gone, name)
 		}
 	}

@@ -107,12 +107,10 @@ func (f *Fence) Release(ks ...int) {
 	}
 }
 
-// lose drops partitions a compare-and-set found taken, and the memory (the
-// batch that found it may have been kept in it).
-func (f *Fence) lose(ks []int) {
-	for _, k := range ks {
-		delete(f.holds, k)
-	}
+// lose drops the memory once a compare-and-set found partitions taken (the
+// batch that found it may have been kept in it; fenceCheck.fenced drops the
+// holds).
+func (f *Fence) lose() {
 	if f.mem != nil {
 		f.mem.Forget()
 	}
@@ -135,11 +133,23 @@ const LayoutP1 = "p1"
 // serialise it with the previous owner's batch: if that batch ran its
 // compare-and-set, the acquire waits for its commit and reads the
 // applied_seq it wrote.
+//
+// A partition of a retired layout (RetireLayouts) is not acquired: it
+// returns no row, and AcquireHolds fails with ErrRetired.
 const acquireSQL = `
 INSERT INTO projector_partitions AS p (layout, partition, epoch, owner, acquired_at)
 SELECT $1, k, 1, $3, now() FROM unnest($2::int[]) AS k ORDER BY k
 ON CONFLICT (layout, partition) DO UPDATE SET epoch = p.epoch + 1, owner = EXCLUDED.owner, acquired_at = now()
+WHERE p.owner NOT LIKE '` + retiredOwner + `%'
 RETURNING partition, epoch, applied_seq`
+
+// retiredOwner starts the owner of a retired partition's row.
+const retiredOwner = "retired: "
+
+// ErrRetired is an acquire of a partition whose layout a repartition
+// retired: an instance still running that layout must be stopped and
+// started with the stream's (its writes would race the new layout's).
+var ErrRetired = errors.New("the stream was repartitioned: this layout is retired; restart the projector with the stream's --partitions")
 
 // fenceSQL is the compare-and-set every fenced batch sends first (after the
 // rebuild gate), in the same transaction as its rows: it returns the
@@ -219,6 +229,9 @@ func (s *Store) AcquireHolds(ctx context.Context, layout string, owner string, k
 			}); err != nil {
 				return err
 			}
+			if len(a.Holds) < len(ks) {
+				return fmt.Errorf("%w (layout %s)", ErrRetired, layout)
+			}
 			rows, _ = tx.Query(ctx, storedProjectsSQL)
 			var project string
 			_, err := pgx.ForEachRow(rows, []any{&project}, func() error {
@@ -283,10 +296,11 @@ func (f *Fence) seqs(prefix string, dec []fold.Decoded) (parts []int32, epochs, 
 
 // fenceCheck is the outcome of a batch's compare-and-set.
 type fenceCheck struct {
-	f    *Fence
-	want []int32
-	got  []int32
-	err  error // the batch named a partition the fence does not hold
+	f      *Fence
+	want   []int32
+	epochs []int64 // of want, as the batch checked them
+	got    []int32
+	err    error // the batch named partitions the fence does not hold: a *FencedError
 }
 
 // held reports whether every partition the batch writes to is still the fence's.
@@ -299,12 +313,15 @@ func (c *fenceCheck) fenced() error {
 		return c.err
 	}
 	var lost []int
-	for _, k := range c.want {
+	for i, k := range c.want {
 		if !slices.Contains(c.got, k) {
 			lost = append(lost, int(k))
+			if h, ok := c.f.holds[int(k)]; ok && h.Epoch == c.epochs[i] {
+				delete(c.f.holds, int(k)) // not a hold acquired again since the batch began
+			}
 		}
 	}
-	c.f.lose(lost)
+	c.f.lose()
 	return &FencedError{Layout: c.f.Layout, Partitions: lost}
 }
 
@@ -312,10 +329,21 @@ func (c *fenceCheck) fenced() error {
 // the messages of dec; c reports it.
 func queueFence(b *pgx.Batch, f *Fence, prefix string, dec []fold.Decoded, c *fenceCheck) {
 	parts, epochs, seqs, foreign := f.seqs(prefix, dec)
-	*c = fenceCheck{f: f, want: parts}
+	*c = fenceCheck{f: f, want: parts, epochs: epochs}
 	if len(foreign) > 0 {
-		c.err = fmt.Errorf("%w: message %d is not of a partition the fence holds (%s %v)",
-			errNotHeld, dec[foreign[0]].Msg.Seq, f.Layout, f.Held())
+		// Partitions lost or released since the caller split its batch (a
+		// batch begun before the one that found them fenced, applied
+		// again): fenced as well, so that the caller gives their messages
+		// back. A stray of a partitioned layout counts as partition 0's.
+		var ks []int
+		for _, i := range foreign {
+			k, _ := f.layout.SubjectPartition(prefix, dec[i].Msg.Subject)
+			if !slices.Contains(ks, k) {
+				ks = append(ks, k)
+			}
+		}
+		slices.Sort(ks)
+		c.err = &FencedError{Layout: f.Layout, Partitions: ks}
 	}
 	b.Queue(fenceSQL, f.Layout, parts, epochs, seqs).Query(c.read)
 }
@@ -336,28 +364,26 @@ func (c *fenceCheck) read(rows pgx.Rows) error {
 	return rows.Err()
 }
 
-// errNotHeld is a batch given to a fence with a message of a partition it
-// does not hold: the caller's mistake (it splits a batch by Fence.Holds).
-var errNotHeld = errors.New("batch outside its fence")
-
 // RetireLayouts fences every partition of a layout other than keep and p1
 // (a repartition away from them): their epochs are raised, so that an
 // instance still running the former layout commits nothing from then on.
+//
+// A retired row is never acquired again (ErrRetired) and stays, with its
+// epoch: were it deleted, a later acquire of its layout would start again at
+// epoch 1, which a stale holder could match. Keep's own rows, if a
+// repartition retired them earlier (p4 → p2 → p4), are acquirable again,
+// their epochs kept.
 func (s *Store) RetireLayouts(ctx context.Context, keep string) error {
-	_, err := s.pool.Exec(ctx, `UPDATE projector_partitions SET epoch = epoch + 1, owner = 'retired: the stream is now ' || $1
-WHERE layout <> $1 AND layout <> $2`, keep, LayoutP1)
+	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, `UPDATE projector_partitions SET epoch = epoch + 1, owner = $3 || 'the stream is now ' || $1
+WHERE layout <> $1 AND layout <> $2 AND owner NOT LIKE $3 || '%'`, keep, LayoutP1, retiredOwner); err != nil {
+			return err
+		}
+		_, err := tx.Exec(ctx, `UPDATE projector_partitions SET owner = '' WHERE layout = $1 AND owner LIKE $2 || '%'`, keep, retiredOwner)
+		return err
+	})
 	if err != nil {
 		return fmt.Errorf("retire layouts: %w", err)
-	}
-	return nil
-}
-
-// DropLayouts deletes the partition rows of layouts other than keep and p1
-// (a repartition's drain has applied what they held).
-func (s *Store) DropLayouts(ctx context.Context, keep string) error {
-	_, err := s.pool.Exec(ctx, `DELETE FROM projector_partitions WHERE layout <> $1 AND layout <> $2`, keep, LayoutP1)
-	if err != nil {
-		return fmt.Errorf("drop layouts: %w", err)
 	}
 	return nil
 }

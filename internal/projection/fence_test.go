@@ -345,8 +345,9 @@ func TestFenceOfSeveralPartitions(t *testing.T) {
 	if r := got[ky]; r.Epoch != 2 || r.AppliedSeq != 6 || r.Owner != "b" {
 		t.Errorf("partition %d = %+v; want epoch 2, applied_seq 6 (a's first batch), owner b", ky, r)
 	}
-	// A batch naming a partition the fence does not hold is refused whole.
-	if _, err := s.Apply(ctx, f, y[2:]); err == nil || errors.Is(err, projection.ErrFenced) {
-		t.Errorf("Apply of a partition not held = %v; want an error that is not ErrFenced", err)
+	// A batch naming a partition the fence does not hold (released or lost
+	// since the caller split it) is refused whole, as fenced on it.
+	if _, err := s.Apply(ctx, f, slices.Concat(x[:1], y[2:])); !errors.As(err, &fe) || fmt.Sprint(fe.Partitions) != fmt.Sprint([]int{ky}) {
+		t.Errorf("Apply with a partition not held = %v; want a FencedError naming [%d]", err, ky)
 	}
 }

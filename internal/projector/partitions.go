@@ -2,6 +2,7 @@ package projector
 
 import (
 	"context"
+	"errors"
 	"maps"
 	"slices"
 	"sync"
@@ -191,26 +192,37 @@ func runParts(ctx context.Context, rest *natsjs.Loop, restCons, drain jetstream.
 	detachDrain := func() {}
 	if drain != nil {
 		var err error
-		if detachDrain, err = rest.Attach(drain, 0); err != nil {
-			return err
+		if detachDrain, err = rest.AttachTransient(drain, 0); err != nil {
+			g.Go(func() error { return err }) // stops the durable's loop too
+			return g.Wait()
+		}
+	}
+	// empty waits until c has nothing pending or unacknowledged (a drain
+	// deleted by another instance that found it so is empty).
+	empty := func(c jetstream.Consumer) bool {
+		for {
+			info, err := c.Info(gctx)
+			if err == nil && info.NumPending == 0 && info.NumAckPending == 0 || c == drain && errors.Is(err, jetstream.ErrConsumerNotFound) {
+				return true
+			}
+			select {
+			case <-gctx.Done():
+				return false
+			case <-time.After(drainPoll):
+			}
 		}
 	}
 	g.Go(func() error {
-		for _, c := range []jetstream.Consumer{restCons, drain} {
-			for c != nil {
-				info, err := c.Info(gctx)
-				if err == nil && info.NumPending == 0 && info.NumAckPending == 0 {
-					break
-				}
-				select {
-				case <-gctx.Done():
-					return nil
-				case <-time.After(drainPoll):
-				}
-			}
+		if !empty(restCons) || drain != nil && !empty(drain) {
+			return nil
 		}
 		if drain != nil {
+			// What it pulled is settled before the partitions start: the
+			// drain's writer and theirs do not overlap on a project.
 			detachDrain()
+			if !empty(drain) {
+				return nil
+			}
 			if err := finishDrain(gctx); err != nil {
 				return err
 			}

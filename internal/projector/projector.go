@@ -186,6 +186,16 @@ func Run(ctx context.Context, cfg Config) error {
 	if err != nil {
 		return fmt.Errorf("drain: %w", err)
 	}
+	if drain != nil && natsjs.DrainLayout(drain) == layout.Name() {
+		// Made by a repartition that stopped before it switched the
+		// stream, which is still of this layout: nothing to drain.
+		if err := js.DeleteConsumer(ctx, cfg.Stream, natsjs.DrainDurable(cfg.Durable)); err != nil && !errors.Is(err, jetstream.ErrConsumerNotFound) {
+			return fmt.Errorf("drain: %w", err)
+		}
+		log.Warn("repartition: a drain of the stream's own layout (a repartition that did not switch the stream) deleted",
+			zap.String("layout", layout.Name()))
+		drain = nil
+	}
 	tel := NewTelemetry()
 	store := projection.New(pool, projection.Options{Prefix: cfg.Prefix, Gate: true, Logger: log, Observer: tel, Memory: cfg.Memory})
 	owner := InstanceID()
@@ -269,10 +279,7 @@ func Run(ctx context.Context, cfg Config) error {
 		cfg.Ready(httpAddr)
 	}
 	finishDrain := func(ctx context.Context) error {
-		if err := natsjs.DrainFinished(ctx, js, cfg.Stream, cfg.Durable, layout, log); err != nil {
-			return err
-		}
-		return store.DropLayouts(ctx, layout.Name())
+		return natsjs.DrainFinished(ctx, js, cfg.Stream, cfg.Durable, layout, log)
 	}
 	if err := runParts(ctx, rest, cons, drain, finishDrain, ps, group, log); err != nil {
 		return err
@@ -511,7 +518,21 @@ func (w *Writer) Begin(ctx context.Context, msgs []jetstream.Msg) func(context.C
 // messages are given back, retries exhausted redeliver the batch later.
 func (w *Writer) apply(ctx context.Context, s *split, start time.Time, first func(context.Context) (projection.Result, error)) error {
 	defer w.counted()
-	for len(s.mine) > 0 {
+	for {
+		// A partition lost or released since the batch was split (a batch
+		// begun before the one that found it fenced): its messages go back.
+		var gone []int
+		for _, i := range s.mine {
+			if k := s.part[i]; !w.fence.Holds(k) && !slices.Contains(gone, k) {
+				gone = append(gone, k)
+			}
+		}
+		if len(gone) > 0 && first == nil { // a begun batch's finish finds them itself (FencedError)
+			s.lose(gone)
+		}
+		if len(s.mine) == 0 {
+			break
+		}
 		var res projection.Result
 		var err error
 		if first != nil {
