@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/buildstate/buildstate/internal/events"
@@ -101,13 +102,8 @@ func TestPartitionedLayout(t *testing.T) {
 		t.Errorf("%d dead letters; want 0", m.deadLetters)
 	}
 	pool := openPool(t, r.dbURL)
-	rows, err := projection.New(pool, projection.Options{Prefix: prefix}).Partitions(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var got []string
+	rows, got := partitionRows(t, pool)
 	for _, row := range rows {
-		got = append(got, fmt.Sprintf("%s/%d", row.Layout, row.Partition))
 		if row.Epoch < 1 || row.AppliedSeq < 1 {
 			t.Errorf("partition row %+v: want an epoch and a checkpoint", row)
 		}
@@ -290,13 +286,8 @@ func TestRepartition(t *testing.T) {
 		t.Errorf("message %d stored as %q (%v); want p2's form", last[0].Seq, m.Subject, err)
 	}
 	pool := openPool(t, r.dbURL)
-	rows, err := projection.New(pool, projection.Options{Prefix: prefix}).Partitions(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var got []string
+	rows, got := partitionRows(t, pool)
 	for _, row := range rows {
-		got = append(got, fmt.Sprintf("%s/%d", row.Layout, row.Partition))
 		if retired := strings.HasPrefix(row.Owner, "retired: "); retired != (row.Layout == "p4") {
 			t.Errorf("partition row %+v: want p4's retired, the others not", row)
 		}
@@ -318,4 +309,18 @@ func TestRepartition(t *testing.T) {
 		rep.Write(&b)
 		t.Errorf("verify: %v, through %d of %d\n%s", err, rep.Through, msgs[len(msgs)-1].Seq, b.String())
 	}
+}
+
+// partitionRows reads projector_partitions: the rows, and each as layout/partition.
+func partitionRows(t *testing.T, pool *pgxpool.Pool) ([]projection.PartitionRow, []string) {
+	t.Helper()
+	rows, err := projection.New(pool, projection.Options{Prefix: prefix}).Partitions(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, row := range rows {
+		names = append(names, fmt.Sprintf("%s/%d", row.Layout, row.Partition))
+	}
+	return rows, names
 }

@@ -10,7 +10,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/buildstate/buildstate/internal/testenv"
@@ -22,16 +21,7 @@ import (
 // finished, and retries a batch whose finish failed with the Handler; once
 // the backlog is gone it finishes each batch before taking the next.
 func TestLoopBeginsTheNextBatchFirst(t *testing.T) {
-	url, _ := testenv.NATSWith(t, func(*server.Options) {})
-	nc, err := Connect(Client{URL: url}, "test", nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close()
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, js := testenv.JetStream(t)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	if _, err := EnsureStream(ctx, js, "LOOP", "builds", 1); err != nil {
@@ -171,16 +161,7 @@ func TestLoopBeginsTheNextBatchFirst(t *testing.T) {
 // consumer's new messages stay with the server; a stop gives back nothing
 // that was handled.
 func TestLoopAttachedConsumers(t *testing.T) {
-	url, _ := testenv.NATSWith(t, func(*server.Options) {})
-	nc, err := Connect(Client{URL: url}, "test", nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close()
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, js := testenv.JetStream(t)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	if _, err := EnsureStream(ctx, js, "ATTACH", "builds", 1); err != nil {
@@ -237,9 +218,11 @@ func TestLoopAttachedConsumers(t *testing.T) {
 	go func() { done <- loop.Run(runCtx) }()
 	detach := map[string]func(){}
 	for p, cons := range conses {
-		if detach[p], err = loop.Attach(cons, 20); err != nil {
+		d, err := loop.Attach(cons, 20)
+		if err != nil {
 			t.Fatal(err)
 		}
+		detach[p] = d
 	}
 	waitHandled := func(a, b int) {
 		t.Helper()
