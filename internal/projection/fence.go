@@ -373,8 +373,18 @@ func (c *fenceCheck) read(rows pgx.Rows) error {
 // epoch 1, which a stale holder could match. Keep's own rows, if a
 // repartition retired them earlier (p4 → p2 → p4), are acquirable again,
 // their epochs kept.
-func (s *Store) RetireLayouts(ctx context.Context, keep string) error {
+//
+// from, if partitioned, is the layout being drained: its rows are made for
+// every partition (one never acquired has none, and an instance still running
+// from would otherwise make it at epoch 1), retired.
+func (s *Store) RetireLayouts(ctx context.Context, keep string, from events.Layout) error {
 	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		if from.Partitioned() && from.Name() != keep {
+			if _, err := tx.Exec(ctx, `INSERT INTO projector_partitions (layout, partition, epoch, owner)
+SELECT $1, k, 1, '' FROM generate_series(0, $2 - 1) AS k ON CONFLICT (layout, partition) DO NOTHING`, from.Name(), from.N()); err != nil {
+				return err
+			}
+		}
 		if _, err := tx.Exec(ctx, `UPDATE projector_partitions SET epoch = epoch + 1, owner = $3 || 'the stream is now ' || $1
 WHERE layout <> $1 AND layout <> $2 AND owner NOT LIKE $3 || '%'`, keep, LayoutP1, retiredOwner); err != nil {
 			return err

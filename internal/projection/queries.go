@@ -250,7 +250,7 @@ func partitionOf(layout events.Layout, prefix, subject string) partitionKey {
 
 // partitionedLayout is the partitioned layout projectors write under (a
 // stream has one at a time: natsjs.EnsureLayout; a repartition retires the
-// former one's rows, RetireLayouts, and deletes them once drained), or p1.
+// former one's rows for good, RetireLayouts), or p1.
 func (s *Store) partitionedLayout(ctx context.Context) (events.Layout, error) {
 	var name string
 	err := s.pool.QueryRow(ctx, `SELECT layout FROM projector_partitions WHERE layout <> $1 AND owner NOT LIKE 'retired:%' ORDER BY acquired_at DESC NULLS LAST LIMIT 1`, LayoutP1).Scan(&name)

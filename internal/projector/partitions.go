@@ -181,8 +181,8 @@ const drainPoll = 250 * time.Millisecond
 // was switched are applied before any of its partition's, so its partition's
 // writer is its only writer from then on (after the switch the durable gets
 // strays only, which write no project's rows). A drain that has applied
-// everything is deleted, with the former layout's durables and partition
-// rows. It returns the first loop's error.
+// everything is deleted, with the former layout's durables (finishDrain).
+// It returns the first loop's error.
 func runParts(ctx context.Context, rest *natsjs.Loop, restCons, drain jetstream.Consumer, finishDrain func(context.Context) error, ps *partitions, group *natsjs.Group, log *zap.Logger) error {
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return rest.Run(gctx) })

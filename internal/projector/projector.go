@@ -168,7 +168,8 @@ func Run(ctx context.Context, cfg Config) error {
 			}
 		}
 	}
-	if _, _, err := natsjs.EnsureLayout(ctx, js, cfg.Stream, cfg.Prefix, cfg.Replicas, layout, cfg.Repartition, log); err != nil {
+	_, sw, err := natsjs.EnsureLayout(ctx, js, cfg.Stream, cfg.Prefix, cfg.Replicas, layout, cfg.Repartition, log)
+	if err != nil {
 		return err
 	}
 	// The durable reads the stream as published: all of it in layout p1;
@@ -187,12 +188,10 @@ func Run(ctx context.Context, cfg Config) error {
 		return fmt.Errorf("drain: %w", err)
 	}
 	if drain != nil && natsjs.DrainLayout(drain) == layout.Name() {
-		// Made by a repartition that stopped before it switched the
-		// stream, which is still of this layout: nothing to drain.
-		if err := js.DeleteConsumer(ctx, cfg.Stream, natsjs.DrainDurable(cfg.Durable)); err != nil && !errors.Is(err, jetstream.ErrConsumerNotFound) {
-			return fmt.Errorf("drain: %w", err)
-		}
-		log.Warn("repartition: a drain of the stream's own layout (a repartition that did not switch the stream) deleted",
+		// A repartition away from this layout has made its drain and not
+		// switched the stream yet (or stopped before it did): not ours to
+		// apply, nor to delete; the repartition's EnsureDrain finds it.
+		log.Warn("repartition: a drain of the stream's own layout is waiting for its switch; left alone",
 			zap.String("layout", layout.Name()))
 		drain = nil
 	}
@@ -205,15 +204,31 @@ func Run(ctx context.Context, cfg Config) error {
 	rest := newLoop(cons, restW, cfg, !layout.Partitioned())
 	if drain != nil {
 		// No instance of the former layout commits from now on.
-		if err := store.RetireLayouts(ctx, layout.Name()); err != nil {
+		from, err := events.ParseLayout(natsjs.DrainLayout(drain))
+		if err != nil {
+			return fmt.Errorf("drain: %w", err)
+		}
+		if err := store.RetireLayouts(ctx, layout.Name(), from); err != nil {
+			return err
+		}
+	} else if sw != nil {
+		// Switched into this layout (p4 → p1 → p4, say): rows a
+		// repartition retired earlier are its own again.
+		if err := store.RetireLayouts(ctx, layout.Name(), events.Layout{}); err != nil {
 			return err
 		}
 	}
+	// A writer that finds its layout retired stops the projector: it is an
+	// instance still running a layout the stream has left.
+	ctx, stopRetired := context.WithCancelCause(ctx)
+	defer stopRetired(nil)
+	restW.retired = stopRetired
 	var ps *partitions
 	var group *natsjs.Group
 	ready := rest.Ready
 	if layout.Partitioned() {
 		w := NewWriter(store, tel, log, owner, cfg.Prefix, layout)
+		w.retired = stopRetired
 		ps = &partitions{layout: layout, cfg: cfg, js: js, log: log, w: w, loop: newLoop(nil, w, cfg, true)}
 		for k := range layout.N() {
 			c, err := natsjs.EnsureConsumerConfig(ctx, js, cfg.Stream, natsjs.PartitionConsumerConfig(cfg.Durable, cfg.Prefix, layout, k), log)
@@ -284,6 +299,9 @@ func Run(ctx context.Context, cfg Config) error {
 	if err := runParts(ctx, rest, cons, drain, finishDrain, ps, group, log); err != nil {
 		return err
 	}
+	if cause := context.Cause(ctx); errors.Is(cause, projection.ErrRetired) {
+		return cause
+	}
 	// Acks are sent asynchronously: make sure they left before closing.
 	if err := nc.FlushTimeout(5 * time.Second); err != nil {
 		log.Warn("flush acks", zap.Error(err))
@@ -320,6 +338,8 @@ type Writer struct {
 	owner  string // names the instance in projector_partitions and the logs
 	prefix string
 	layout events.Layout
+
+	retired func(error) // called when an acquire finds the layout retired (nil: nothing)
 
 	mu    sync.Mutex
 	fence *projection.Fence
@@ -370,6 +390,10 @@ func (w *Writer) acquire(ctx context.Context, ks []int) error {
 	}
 	a, err := w.store.AcquireHolds(ctx, w.layout.Name(), w.owner, missing...)
 	if err != nil {
+		if errors.Is(err, projection.ErrRetired) && w.retired != nil {
+			w.log.Error("this layout was retired by a repartition: stopping", zap.String("layout", w.layout.Name()), zap.Error(err))
+			w.retired(err)
+		}
 		return err
 	}
 	w.fence.Add(a)
@@ -552,6 +576,12 @@ func (w *Writer) apply(ctx context.Context, s *split, start time.Time, first fun
 		if err != nil {
 			if errors.Is(err, projection.ErrRetriesExhausted) {
 				return fmt.Errorf("%w: %w", natsjs.ErrRedeliverLater, err)
+			}
+			if len(s.back) > 0 {
+				// Partitions were lost on the way: a retry of the whole batch
+				// would acquire them again for stale messages. All of it goes
+				// back; what comes again is applied or a duplicate.
+				return fmt.Errorf("%w: %w", natsjs.ErrGiveBack, err)
 			}
 			return err
 		}
