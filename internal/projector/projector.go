@@ -419,13 +419,6 @@ func (w *Writer) Release(ks ...int) {
 	w.counted()
 }
 
-// Held lists the partitions the writer holds.
-func (w *Writer) Held() []int {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return w.fence.Held()
-}
-
 // counted sets this writer's share of the owned and memory gauges.
 func (w *Writer) counted() {
 	owned, held := float64(len(w.fence.Held())), float64(w.fence.Remembered())
