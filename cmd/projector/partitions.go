@@ -7,12 +7,20 @@ import (
 	"io"
 	"strconv"
 	"text/tabwriter"
+	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
+	"go.uber.org/zap"
+
+	"github.com/buildstate/buildstate/internal/events"
+	"github.com/buildstate/buildstate/internal/natsjs"
 	"github.com/buildstate/buildstate/internal/projection"
+	"github.com/buildstate/buildstate/internal/redact"
 )
 
 // runPartitions is `projector partitions`: who holds each partition's fence
-// (projector_partitions), at which epoch, and how far it has applied.
+// (projector_partitions), at which epoch, how far it has applied, and its
+// durable's lag (from NATS, when reachable).
 func runPartitions(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
 	fs, c := newFlags("partitions", getenv, stderr)
 	asJSON := fs.Bool("json", false, "print one JSON object per line")
@@ -31,22 +39,61 @@ func runPartitions(ctx context.Context, args []string, getenv func(string) strin
 	if err != nil {
 		return err
 	}
+	lag := partitionLag(ctx, c, rows, stderr)
 	if *asJSON {
 		enc := json.NewEncoder(stdout)
-		for _, r := range rows {
-			if err := enc.Encode(partitionJSON(r)); err != nil {
+		for i, r := range rows {
+			out := partitionJSON(r)
+			out.Lag = lag[i]
+			if err := enc.Encode(out); err != nil {
 				return err
 			}
 		}
 		return nil
 	}
 	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "LAYOUT\tPARTITION\tEPOCH\tOWNER\tAPPLIED SEQ\tACQUIRED")
-	for _, r := range rows {
-		fmt.Fprintf(tw, "%s\t%d\t%d\t%s\t%s\t%s\n", r.Layout, r.Partition, r.Epoch, orDash(&r.Owner),
-			strconv.FormatInt(r.AppliedSeq, 10), timeOrDash(r.AcquiredAt))
+	fmt.Fprintln(tw, "LAYOUT\tPARTITION\tEPOCH\tOWNER\tAPPLIED SEQ\tACQUIRED\tLAG")
+	for i, r := range rows {
+		l := "-"
+		if lag[i] != nil {
+			l = strconv.FormatUint(*lag[i], 10)
+		}
+		fmt.Fprintf(tw, "%s\t%d\t%d\t%s\t%s\t%s\t%s\n", r.Layout, r.Partition, r.Epoch, orDash(&r.Owner),
+			strconv.FormatInt(r.AppliedSeq, 10), timeOrDash(r.AcquiredAt), l)
 	}
 	return tw.Flush()
+}
+
+// partitionLag is, for each row, what its durable has not applied yet
+// (pending + awaiting its ack: p1's is the durable, a partition's its
+// <durable>-p<n>-<k>), nil where that is unknown: NATS unreachable (said
+// once on stderr), or no such durable (a retired layout's, deleted).
+func partitionLag(ctx context.Context, c *common, rows []projection.PartitionRow, stderr io.Writer) []*uint64 {
+	out := make([]*uint64, len(rows))
+	nc, js, err := natsjs.ConnectJetStream(c.cfg.NATS, "buildstate-projector-partitions", zap.NewNop())
+	if err != nil {
+		fmt.Fprintf(stderr, "lag not shown: %v\n", redact.Error(err))
+		return out
+	}
+	defer nc.Close()
+	for i, r := range rows {
+		name := c.cfg.Durable
+		if l, err := events.ParseLayout(r.Layout); err == nil && l.Partitioned() {
+			name = natsjs.PartitionDurable(c.cfg.Durable, l, r.Partition)
+		}
+		cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		var info *jetstream.ConsumerInfo
+		cons, err := js.Consumer(cctx, c.cfg.Stream, name)
+		if err == nil {
+			info, err = cons.Info(cctx)
+		}
+		cancel()
+		if err == nil {
+			n := info.NumPending + uint64(info.NumAckPending)
+			out[i] = &n
+		}
+	}
+	return out
 }
 
 type partitionOut struct {
@@ -56,6 +103,7 @@ type partitionOut struct {
 	Owner      string  `json:"owner"`
 	AppliedSeq int64   `json:"applied_seq"`
 	AcquiredAt *string `json:"acquired_at"`
+	Lag        *uint64 `json:"lag"` // null: unknown (NATS unreachable, or no durable)
 }
 
 func partitionJSON(r projection.PartitionRow) partitionOut {

@@ -3,11 +3,13 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"strings"
 	"testing"
 
 	"github.com/jackc/pgx/v5/pgxpool"
 
+	"github.com/buildstate/buildstate/internal/natsjs"
 	"github.com/buildstate/buildstate/internal/projection"
 	"github.com/buildstate/buildstate/internal/testenv"
 )
@@ -21,11 +23,25 @@ func TestPartitionsCommand(t *testing.T) {
 		t.Fatalf("migrate: %v\n%s", err, errOut)
 	}
 	// The schema makes p1's row; nobody holds it yet.
-	out, errOut, err := runOut(dbURL, "partitions")
-	if f := strings.Fields(out); err != nil || len(f) != 13 || f[7] != "p1" || f[9] != "0" || f[10] != "-" {
+	// Its durable's lag comes from NATS: an embedded server with the
+	// stream, five messages and the durable, none applied.
+	natsURL, js := testenv.JetStream(t)
+	ctx := context.Background()
+	if _, err := natsjs.EnsureStream(ctx, js, "BUILDS", "builds", 1); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 5 {
+		if _, err := js.Publish(ctx, fmt.Sprintf("builds.p-%d.queued", i), []byte("{}")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := natsjs.EnsureConsumer(ctx, js, "BUILDS", "projector", "builds", nil); err != nil {
+		t.Fatal(err)
+	}
+	out, errOut, err := runOut(dbURL, "partitions", "--nats-url", natsURL)
+	if f := strings.Fields(out); err != nil || len(f) != 15 || f[8] != "p1" || f[10] != "0" || f[11] != "-" || f[14] != "5" {
 		t.Fatalf("partitions on a new database: %q, %v\n%s", out, err, errOut)
 	}
-	ctx := context.Background()
 	pool, err := pgxpool.New(ctx, dbURL)
 	if err != nil {
 		t.Fatal(err)
@@ -53,7 +69,7 @@ func TestPartitionsCommand(t *testing.T) {
 	if f := strings.Fields(lines[2]); len(f) < 5 || f[0] != "p4" || f[1] != "2" || f[2] != "2" {
 		t.Errorf("p4/2 row %q: want layout p4, partition 2, epoch 2 (two acquires)", lines[2])
 	}
-	out, _, err = runOut(dbURL, "partitions", "--json")
+	out, _, err = runOut(dbURL, "partitions", "--json", "--nats-url", natsURL)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -67,5 +83,13 @@ func TestPartitionsCommand(t *testing.T) {
 	}
 	if len(rows) != 2 || rows[1].Owner != "host/3/cc" || rows[1].Epoch != 2 || rows[1].AcquiredAt == nil {
 		t.Errorf("partitions --json: %+v", rows)
+	}
+	if len(rows) == 2 && (rows[0].Lag == nil || *rows[0].Lag != 5 || rows[1].Lag != nil) {
+		t.Errorf("partitions --json lag: %v, %v; want 5 for p1 (its durable), null for p4/2 (no durable)", rows[0].Lag, rows[1].Lag)
+	}
+	// NATS unreachable: the rows all the same, the lag unknown, and said so.
+	out, errOut, err = runOut(dbURL, "partitions", "--nats-url", "nats://127.0.0.1:1")
+	if err != nil || !strings.Contains(errOut, "lag not shown") || len(strings.Split(strings.TrimSpace(out), "\n")) != 3 {
+		t.Errorf("partitions without NATS: %q, %v\n%s", out, err, errOut)
 	}
 }
