@@ -5,7 +5,9 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"slices"
 	"strconv"
+	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -39,7 +41,7 @@ func runPartitions(ctx context.Context, args []string, getenv func(string) strin
 	if err != nil {
 		return err
 	}
-	lag := partitionLag(ctx, c, rows, stderr)
+	lag, members, reached := partitionLag(ctx, c, rows, stderr)
 	if *asJSON {
 		enc := json.NewEncoder(stdout)
 		for i, r := range rows {
@@ -61,21 +63,35 @@ func runPartitions(ctx context.Context, args []string, getenv func(string) strin
 		fmt.Fprintf(tw, "%s\t%d\t%d\t%s\t%s\t%s\t%s\n", r.Layout, r.Partition, r.Epoch, orDash(&r.Owner),
 			strconv.FormatInt(r.AppliedSeq, 10), timeOrDash(r.AcquiredAt), l)
 	}
-	return tw.Flush()
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	if reached && slices.ContainsFunc(rows, func(r projection.PartitionRow) bool { return r.Layout != projection.LayoutP1 }) {
+		// The group that shares a partitioned layout (natsjs.Group).
+		fmt.Fprintf(stdout, "members (%d): %s\n", len(members), strings.Join(members, ", "))
+	}
+	return nil
 }
 
 // partitionLag is, for each row, what its durable has not applied yet
 // (pending + awaiting its ack: p1's is the durable, a partition's its
 // <durable>-p<n>-<k>), nil where that is unknown: NATS unreachable (said
-// once on stderr), or no such durable (a retired layout's, deleted).
-func partitionLag(ctx context.Context, c *common, rows []projection.PartitionRow, stderr io.Writer) []*uint64 {
+// once on stderr; reached is false), or no such durable (a retired
+// layout's, deleted); and the durable's group members.
+func partitionLag(ctx context.Context, c *common, rows []projection.PartitionRow, stderr io.Writer) (lag []*uint64, members []string, reached bool) {
 	out := make([]*uint64, len(rows))
 	nc, js, err := natsjs.ConnectJetStream(c.cfg.NATS, "buildstate-projector-partitions", zap.NewNop())
 	if err != nil {
 		fmt.Fprintf(stderr, "lag not shown: %v\n", redact.Error(err))
-		return out
+		return out, nil, false
 	}
 	defer nc.Close()
+	mctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	members, err = natsjs.GroupMembers(mctx, js, c.cfg.Durable)
+	cancel()
+	if err != nil {
+		fmt.Fprintf(stderr, "members not shown: %v\n", redact.Error(err))
+	}
 	for i, r := range rows {
 		name := c.cfg.Durable
 		if l, err := events.ParseLayout(r.Layout); err == nil && l.Partitioned() {
@@ -93,7 +109,7 @@ func partitionLag(ctx context.Context, c *common, rows []projection.PartitionRow
 			out[i] = &n
 		}
 	}
-	return out
+	return out, members, true
 }
 
 type partitionOut struct {

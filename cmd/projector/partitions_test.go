@@ -57,13 +57,19 @@ func TestPartitionsCommand(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	out, _, err = runOut(dbURL, "partitions")
+	// A partitioned layout's rows come with the group's members.
+	g, err := natsjs.JoinGroup(ctx, js, "projector", "host/9/zz", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Stop()
+	out, _, err = runOut(dbURL, "partitions", "--nats-url", natsURL)
 	if err != nil {
 		t.Fatal(err)
 	}
 	lines := strings.Split(strings.TrimSpace(out), "\n")
-	if len(lines) != 3 || !strings.HasPrefix(lines[0], "LAYOUT") ||
-		!strings.Contains(lines[1], "host/1/aa") || !strings.Contains(lines[2], "host/3/cc") {
+	if len(lines) != 4 || !strings.HasPrefix(lines[0], "LAYOUT") ||
+		!strings.Contains(lines[1], "host/1/aa") || !strings.Contains(lines[2], "host/3/cc") || lines[3] != "members (1): host/9/zz" {
 		t.Errorf("partitions table:\n%s", out)
 	}
 	if f := strings.Fields(lines[2]); len(f) < 5 || f[0] != "p4" || f[1] != "2" || f[2] != "2" {
@@ -89,7 +95,7 @@ func TestPartitionsCommand(t *testing.T) {
 	}
 	// NATS unreachable: the rows all the same, the lag unknown, and said so.
 	out, errOut, err = runOut(dbURL, "partitions", "--nats-url", "nats://127.0.0.1:1")
-	if err != nil || !strings.Contains(errOut, "lag not shown") || len(strings.Split(strings.TrimSpace(out), "\n")) != 3 {
+	if err != nil || !strings.Contains(errOut, "lag not shown") || len(strings.Split(strings.TrimSpace(out), "\n")) != 3 { // no members line either
 		t.Errorf("partitions without NATS: %q, %v\n%s", out, err, errOut)
 	}
 }

@@ -288,3 +288,28 @@ func Unpin(ctx context.Context, js jetstream.JetStream, stream, consumer string)
 	}
 	return s.UnpinConsumer(ctx, consumer, PriorityGroup)
 }
+
+// GroupMembers lists the instances in durable's group now (the values of its
+// members bucket), sorted; none if the bucket does not exist (no
+// partitioned projector has run).
+func GroupMembers(ctx context.Context, js jetstream.JetStream, durable string) ([]string, error) {
+	kv, err := js.KeyValue(ctx, MembersBucket(durable))
+	if errors.Is(err, jetstream.ErrBucketNotFound) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("group %s: %w", durable, err)
+	}
+	keys, err := kv.ListKeys(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("group %s: %w", durable, err)
+	}
+	var out []string
+	for k := range keys.Keys() {
+		if e, err := kv.Get(ctx, k); err == nil {
+			out = append(out, string(e.Value()))
+		}
+	}
+	slices.Sort(out)
+	return out, nil
+}
