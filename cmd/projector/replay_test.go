@@ -269,6 +269,14 @@ func TestRebuildWhileProjectorRuns(t *testing.T) {
 	if err != nil {
 		t.Fatalf("verify after a rebuild under load = %v\n%s\nprojector logs:\n%s", err, vout, logs.String())
 	}
+	// The swap fenced the live writer (every epoch raised, the owner kept):
+	// it took its partition back and applied the fenced batch again, in
+	// order, rather than giving it back behind what it had pulled since
+	// (which reordered a build-id clash once: live and replay then differed).
+	if l := logs.String(); strings.Contains(l, `"partitions fenced`) && !strings.Contains(l, "partition taken back after a fence") ||
+		strings.Contains(l, "given back unacked") {
+		t.Errorf("the fenced live writer gave its batch back instead of taking its partition back:\n%s", l)
+	}
 	var fw *string
 	ctx := context.Background()
 	conn, err := pgx.Connect(ctx, e.dbURL)

@@ -143,6 +143,19 @@ ON CONFLICT (layout, partition) DO UPDATE SET epoch = p.epoch + 1, owner = EXCLU
 WHERE p.owner NOT LIKE '` + retiredOwner + `%'
 RETURNING partition, epoch, applied_seq`
 
+// reacquireOwnSQL raises the epochs of the partitions whose rows still name
+// the owner, or the rebuild that swapped the tables (ReacquireOwn); it makes
+// no row.
+const reacquireOwnSQL = `
+UPDATE projector_partitions AS p SET epoch = p.epoch + 1, owner = $3, acquired_at = now()
+FROM (SELECT k FROM unnest($2::int[]) AS k ORDER BY k) AS v
+WHERE p.layout = $1 AND p.partition = v.k AND (p.owner = $3 OR p.owner = '` + rebuildOwner + `')
+RETURNING p.partition, p.epoch, p.applied_seq`
+
+// rebuildOwner is the owner a rebuild's swap writes in every partition row
+// it carries over (Shadow.carryFences).
+const rebuildOwner = "rebuild"
+
 // retiredOwner starts the owner of a retired partition's row.
 const retiredOwner = "retired: "
 
@@ -208,6 +221,20 @@ type Acquired struct {
 // memory learns from then on is only its own commits. It does not touch a
 // fence: Add gives it one (on the fence's goroutine; the acquire may wait).
 func (s *Store) AcquireHolds(ctx context.Context, layout string, owner string, ks ...int) (Acquired, error) {
+	return s.acquireHolds(ctx, layout, owner, false, ks)
+}
+
+// ReacquireOwn is AcquireHolds of those of partitions ks whose rows still
+// name owner or the rebuild: what a writer fenced by a rebuild's swap (which
+// raises every epoch and names itself: Shadow.carryFences) takes back at once, so
+// that it applies the batch it holds again, in order, instead of giving it
+// back behind the messages pulled after it. A partition another instance
+// acquired is not taken back.
+func (s *Store) ReacquireOwn(ctx context.Context, layout string, owner string, ks ...int) (Acquired, error) {
+	return s.acquireHolds(ctx, layout, owner, true, ks)
+}
+
+func (s *Store) acquireHolds(ctx context.Context, layout string, owner string, own bool, ks []int) (Acquired, error) {
 	l, err := events.ParseLayout(layout)
 	if err != nil {
 		return Acquired{}, fmt.Errorf("acquire: %w", err)
@@ -219,7 +246,11 @@ func (s *Store) AcquireHolds(ctx context.Context, layout string, owner string, k
 			if _, err := tx.Exec(ctx, `SELECT set_config('lock_timeout', $1, true)`, acquireLockTimeout); err != nil {
 				return err
 			}
-			rows, _ := tx.Query(ctx, acquireSQL, layout, ks, owner)
+			q := acquireSQL
+			if own {
+				q = reacquireOwnSQL
+			}
+			rows, _ := tx.Query(ctx, q, layout, ks, owner)
 			var h Hold
 			var applied int64
 			if _, err := pgx.ForEachRow(rows, []any{&h.Partition, &h.Epoch, &applied}, func() error {
@@ -229,7 +260,7 @@ func (s *Store) AcquireHolds(ctx context.Context, layout string, owner string, k
 			}); err != nil {
 				return err
 			}
-			if len(a.Holds) < len(ks) {
+			if len(a.Holds) < len(ks) && !own {
 				return fmt.Errorf("%w (layout %s)", ErrRetired, layout)
 			}
 			rows, _ = tx.Query(ctx, storedProjectsSQL)

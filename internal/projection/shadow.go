@@ -237,7 +237,7 @@ func (s *Shadow) carryFences(ctx context.Context, tx pgx.Tx) error {
 		return fmt.Errorf("carry fences: %w", err)
 	}
 	_, err := tx.Exec(ctx, `INSERT INTO `+shadow+` AS p (layout, partition, epoch, owner, applied_seq, acquired_at)
-SELECT layout, partition, epoch + 1, 'rebuild', applied_seq, now() FROM `+live+`
+SELECT layout, partition, epoch + 1, '`+rebuildOwner+`', applied_seq, now() FROM `+live+`
 ON CONFLICT (layout, partition) DO UPDATE SET epoch = EXCLUDED.epoch, owner = EXCLUDED.owner,
     applied_seq = greatest(p.applied_seq, EXCLUDED.applied_seq), acquired_at = EXCLUDED.acquired_at`)
 	if err != nil {

@@ -406,6 +406,41 @@ func (w *Writer) acquire(ctx context.Context, ks []int) error {
 	return nil
 }
 
+// reacquireOwn takes back at once those of the fenced partitions ks that
+// are still wanted and whose rows still name this instance (a rebuild's
+// swap raised their epochs: projection.Store.ReacquireOwn), so that the
+// batch is applied again in order; it returns the others, lost.
+func (w *Writer) reacquireOwn(ctx context.Context, ks []int) (lost []int) {
+	var mine []int
+	for _, k := range ks {
+		if w.want[k] && !w.fence.Holds(k) {
+			mine = append(mine, k)
+		} else if !w.fence.Holds(k) {
+			lost = append(lost, k)
+		}
+	}
+	if len(mine) == 0 {
+		return lost
+	}
+	a, err := w.store.ReacquireOwn(ctx, w.layout.Name(), w.owner, mine...)
+	if err != nil {
+		w.log.Warn("take back fenced partitions", zap.Ints("partitions", mine), zap.Error(err))
+		return append(lost, mine...)
+	}
+	w.fence.Add(a)
+	for _, k := range mine {
+		if !w.fence.Holds(k) {
+			lost = append(lost, k)
+		}
+	}
+	for _, h := range a.Holds {
+		w.log.Info("partition taken back after a fence (a rebuild's swap raised its epoch)", zap.String("layout", a.Layout),
+			zap.Int("partition", h.Partition), zap.Int64("epoch", h.Epoch), zap.String("owner", w.owner))
+	}
+	w.tel.Acquired.Add(float64(len(a.Holds)))
+	return lost
+}
+
 // Release stops wanting partitions ks and drops the writer's hold on them
 // (their loop stopped pulling them); their messages still in hand are given
 // back.
@@ -561,9 +596,12 @@ func (w *Writer) apply(ctx context.Context, s *split, start time.Time, first fun
 		var fe *projection.FencedError
 		if errors.As(err, &fe) {
 			w.tel.Fenced.Inc()
-			w.log.Warn("partitions fenced: another instance acquired them; their messages given back unacked",
-				zap.String("layout", fe.Layout), zap.Ints("partitions", fe.Partitions), zap.String("owner", w.owner))
-			s.lose(fe.Partitions)
+			lost := w.reacquireOwn(ctx, fe.Partitions)
+			if len(lost) > 0 {
+				w.log.Warn("partitions fenced: another instance acquired them; their messages given back unacked",
+					zap.String("layout", fe.Layout), zap.Ints("partitions", lost), zap.String("owner", w.owner))
+			}
+			s.lose(lost)
 			continue
 		}
 		if err != nil {
