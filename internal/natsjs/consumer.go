@@ -706,7 +706,7 @@ func DrainFinished(ctx context.Context, js jetstream.JetStream, stream, durable 
 	names := s.ConsumerNames(ctx)
 	var gone []string
 	for name := range names.Name() {
-		if l, ok := partitionDurableOf(durable, name); name == DrainDurable(durable) || ok && l != keep.Name() {
+		if l, ok := partitionDurableOf(durable, name); ok && l != keep.Name() {
 			gone = append(gone, name)
 		}
 	}
@@ -715,9 +715,7 @@ func DrainFinished(ctx context.Context, js jetstream.JetStream, stream, durable 
 	}
 	// The drain last: a crash before it leaves it, and the next start
 	// finishes this again.
-	slices.SortFunc(gone, func(a, b string) int {
-		return cmp.Compare(boolInt(a == DrainDurable(durable)), boolInt(b == DrainDurable(durable)))
-	})
+	gone = append(gone, DrainDurable(durable))
 	for _, name := range gone {
 		if err := js.DeleteConsumer(ctx, stream, name); err != nil && !errors.Is(err, jetstream.ErrConsumerNotFound) {
 			return fmt.Errorf("drain finished: delete %s: %w", name, err)
@@ -725,11 +723,4 @@ func DrainFinished(ctx context.Context, js jetstream.JetStream, stream, durable 
 	}
 	log.Info("repartition: drain finished; the former layout's durables deleted", zap.Strings("deleted", gone))
 	return nil
-}
-
-func boolInt(b bool) int {
-	if b {
-		return 1
-	}
-	return 0
 }

@@ -86,6 +86,9 @@ func (f *Fence) Hold(k int) (Hold, bool) {
 	return h, ok
 }
 
+// Count is how many partitions f holds.
+func (f *Fence) Count() int { return len(f.holds) }
+
 // Held lists the partitions f holds, in order.
 func (f *Fence) Held() []int {
 	out := make([]int, 0, len(f.holds))

@@ -396,14 +396,19 @@ func (w *Writer) acquire(ctx context.Context, ks []int) error {
 		}
 		return err
 	}
+	w.took(a, "partition acquired")
+	return nil
+}
+
+// took gives the fence what an acquire took, counts and logs it (as what).
+func (w *Writer) took(a projection.Acquired, what string) {
 	w.fence.Add(a)
 	w.tel.Acquired.Add(float64(len(a.Holds)))
 	for _, h := range a.Holds {
-		w.log.Info("partition acquired", zap.String("layout", a.Layout), zap.Int("partition", h.Partition),
+		w.log.Info(what, zap.String("layout", a.Layout), zap.Int("partition", h.Partition),
 			zap.Int64("epoch", h.Epoch), zap.Uint64("applied_seq", h.AppliedSeq), zap.String("owner", w.owner))
 	}
 	w.counted()
-	return nil
 }
 
 // reacquireOwn takes back at once those of the fenced partitions ks that
@@ -427,17 +432,12 @@ func (w *Writer) reacquireOwn(ctx context.Context, ks []int) (lost []int) {
 		w.log.Warn("take back fenced partitions", zap.Ints("partitions", mine), zap.Error(err))
 		return append(lost, mine...)
 	}
-	w.fence.Add(a)
+	w.took(a, "partition taken back after a fence (a rebuild's swap raised its epoch)")
 	for _, k := range mine {
 		if !w.fence.Holds(k) {
 			lost = append(lost, k)
 		}
 	}
-	for _, h := range a.Holds {
-		w.log.Info("partition taken back after a fence (a rebuild's swap raised its epoch)", zap.String("layout", a.Layout),
-			zap.Int("partition", h.Partition), zap.Int64("epoch", h.Epoch), zap.String("owner", w.owner))
-	}
-	w.tel.Acquired.Add(float64(len(a.Holds)))
 	return lost
 }
 
@@ -456,7 +456,7 @@ func (w *Writer) Release(ks ...int) {
 
 // counted sets this writer's share of the owned and memory gauges.
 func (w *Writer) counted() {
-	owned, held := float64(len(w.fence.Held())), float64(w.fence.Remembered())
+	owned, held := float64(w.fence.Count()), float64(w.fence.Remembered())
 	w.tel.Owned.Add(owned - w.owned)
 	w.tel.Remembered.Add(held - w.held)
 	w.owned, w.held = owned, held
