@@ -430,6 +430,18 @@ type Fact struct {
 	Kind  events.Kind
 	Step  *fsm.Step
 	Seq   uint64
+	// Replaces says the store held a fact of this kind for the build (as
+	// loaded): the write replaces it. Otherwise the fact is new, and a
+	// store that holds one after all (it was not loaded: a memory that
+	// assumed the build new) refuses the write on its key.
+	Replaces bool
+}
+
+// Open is a build waiting on its worker (fsm.Build.Waiting) as the
+// messages leave it: a projector_open_builds row.
+type Open struct {
+	BuildID, ProjectID string
+	fsm.Wait
 }
 
 // Changes are what the messages added changed in what was loaded: what a
@@ -442,6 +454,11 @@ type Changes struct {
 	Roles   map[string]fsm.Roles // projects whose role holders changed
 	Plans   []fsm.Plan           // each project's writes (fsm.Decide), by project id; none if empty
 	Refused []Refusal            // the dead letters, in the order added
+	// Open are the builds waiting on their worker whose wait changed (a
+	// first queued or started step), by build id; Closed the builds that
+	// waited as loaded and no longer do (their completion won), by build id.
+	Open   []Open
+	Closed []string
 }
 
 // Changes computes what the messages added changed: for each project a
@@ -458,14 +475,37 @@ func (p *Partition) Changes(ctx context.Context) (Changes, error) {
 	}
 	slices.SortFunc(touched, func(a, b *Project) int { return strings.Compare(a.ID, b.ID) })
 	for _, pr := range touched {
-		for _, b := range pr.Builds {
+		var stored []fsm.Build
+		if pr.loaded != nil {
+			stored = pr.loaded.stored
+		}
+		for i, b := range pr.Builds {
 			if b.claimed {
 				c.Claims = append(c.Claims, Claim{BuildID: b.ID, ProjectID: pr.ID})
 			}
+			if b.won == 0 {
+				continue
+			}
+			var was *fsm.Build // the build as loaded, nil if new (Builds[i] started as stored[i])
+			if i < len(stored) {
+				was = &stored[i]
+			}
 			for slot, k := range SlotKinds {
 				if b.won&(1<<slot) != 0 {
-					c.Facts = append(c.Facts, Fact{Build: b, Kind: k, Step: *b.Step(k), Seq: b.Seqs[slot]})
+					c.Facts = append(c.Facts, Fact{Build: b, Kind: k, Step: *b.Step(k), Seq: b.Seqs[slot],
+						Replaces: was != nil && *was.Step(k) != nil})
 				}
+			}
+			var before fsm.Wait
+			waited := false
+			if was != nil {
+				before, waited = was.Waiting()
+			}
+			switch now, waits := b.Waiting(); {
+			case waits && (!waited || now.For != before.For || !now.Since.Equal(before.Since)):
+				c.Open = append(c.Open, Open{BuildID: b.ID, ProjectID: pr.ID, Wait: now})
+			case !waits && waited:
+				c.Closed = append(c.Closed, b.ID)
 			}
 		}
 		after := pr.builds()
@@ -491,6 +531,8 @@ func (p *Partition) Changes(ctx context.Context) (Changes, error) {
 		}
 		return strings.Compare(string(a.Kind), string(b.Kind))
 	})
+	slices.SortFunc(c.Open, func(a, b Open) int { return strings.Compare(a.BuildID, b.BuildID) })
+	slices.Sort(c.Closed)
 	c.Applied = slices.SortedFunc(slices.Values(p.applied), func(a, b Applied) int { return strings.Compare(a.EventID, b.EventID) })
 	return c, nil
 }

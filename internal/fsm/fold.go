@@ -84,6 +84,35 @@ func (b *Build) Merge(ev events.Event) bool {
 	return true
 }
 
+// Waiting is what a build without a completion waits on its worker for:
+// to start it (WaitingStart, since its queued event) or, once started, to
+// finish it (WaitingFinish, since its started event). ok is false for a
+// completed build and for one with neither step: it waits on nobody. These
+// are the builds `projector stuck` looks at.
+func (b *Build) Waiting() (w Wait, ok bool) {
+	switch {
+	case b.Completed != nil:
+		return Wait{}, false
+	case b.Started != nil:
+		return Wait{For: WaitingFinish, Since: b.Started.At}, true
+	case b.Queued != nil:
+		return Wait{For: WaitingStart, Since: b.Queued.At}, true
+	}
+	return Wait{}, false
+}
+
+// Wait is what an open build waits for, and since when (Build.Waiting).
+type Wait struct {
+	For   string // WaitingStart or WaitingFinish
+	Since time.Time
+}
+
+// What an open build waits for (Wait.For): the names of its stuck states.
+const (
+	WaitingStart  = "queued"   // queued, no start
+	WaitingFinish = "building" // started, no completion
+)
+
 // requested is when the build was asked for: queued time, else started time.
 func (b *Build) requested() (time.Time, bool) {
 	switch {

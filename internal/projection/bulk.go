@@ -90,8 +90,8 @@ func (l *Loader) Applied(ctx context.Context, rows iter.Seq[[]Applied]) error {
 }
 
 // Finish writes every table but projector_applied from b, on two
-// connections at once (projector_facts, projector_roles and
-// projector_dead_letters on one; project_build_metrics, projects and
+// connections at once (projector_facts, projector_roles,
+// projector_dead_letters and projector_open_builds on one; project_build_metrics, projects and
 // projector_builds on the other: about even), each table's keys and
 // indexes built and its planner statistics taken as soon as its rows are
 // in. Complete ends the load.
@@ -114,6 +114,7 @@ func (l *Loader) Finish(ctx context.Context, b Bulk) error {
 		{"projector_facts", factsColumns, func() iter.Seq[[]any] { return factRows(builds) }},
 		{"projector_roles", rolesColumns, func() iter.Seq[[]any] { return roleRows(b.Projects) }},
 		{"projector_dead_letters", deadColumns, func() iter.Seq[[]any] { return deadRows(b.Dead, b.Prefix, l.now) }},
+		{"projector_open_builds", openColumns, func() iter.Seq[[]any] { return openRows(builds) }},
 	}, {
 		{"project_build_metrics", strings.Split(metricsColumns, ", "), func() iter.Seq[[]any] { return metricsRows(b.Projects, &rows) }},
 		{"projects", projectsColumns, func() iter.Seq[[]any] { return projectRows(rows, l.now) }},
@@ -326,7 +327,7 @@ func projectRows(rows []*fsm.Row, now time.Time) iter.Seq[[]any] {
 }
 
 var factsColumns = []string{"build_id", "kind", "project_id", "event_id", "occurred_at", "stream_seq",
-	"framework", "node_version", "package_manager", "attempt", "outcome", "duration_ms", "error", "timed_out", "pending"}
+	"framework", "node_version", "package_manager", "attempt", "outcome", "duration_ms", "error", "timed_out"}
 
 // factRows yields the winning steps of builds. (Values, not pointers to
 // them: pgx dereferences a pointer by reflection, which costs more.)
@@ -343,10 +344,28 @@ func factRows(builds iter.Seq[*BulkBuild]) iter.Seq[[]any] {
 				row[0], row[1], row[2], row[3], row[4], row[5] = b.ID, kindValues[slot], b.ProjectID, st.EventID, st.At, int64(b.Seqs[slot])
 				row[6], row[7], row[8], row[9] = d.Framework, d.NodeVersion, d.PackageManager, d.Attempt
 				row[10], row[11], row[12], row[13] = outcomeValue(d.Outcome), d.DurationMS, d.Error, d.TimedOut
-				row[14] = pending(&b.Build, k)
 				if !yield(row) {
 					return
 				}
+			}
+		}
+	}
+}
+
+var openColumns = []string{"build_id", "project_id", "state", "since"}
+
+// openRows yields the builds waiting on their worker (fsm.Build.Waiting).
+func openRows(builds iter.Seq[*BulkBuild]) iter.Seq[[]any] {
+	return func(yield func([]any) bool) {
+		row := make([]any, len(openColumns))
+		for b := range builds {
+			w, ok := b.Waiting()
+			if !ok {
+				continue
+			}
+			row[0], row[1], row[2], row[3] = b.ID, b.ProjectID, w.For, w.Since
+			if !yield(row) {
+				return
 			}
 		}
 	}

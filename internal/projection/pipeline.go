@@ -40,7 +40,6 @@ type Pending struct {
 	conn  *pgxpool.Conn // its transaction's, begun by the pipeline's first statement
 	br    pgx.BatchResults
 	check fenceCheck // the compare-and-set's outcome
-	raced bool       // a claim or id was there already (errRaced)
 	// head is how many statements come first, the compare-and-set last;
 	// headDone is closed once their results were read (headErr).
 	head     int
@@ -113,7 +112,7 @@ func (p *Pending) send(ctx context.Context, prev *Pending) error {
 	wb := &pgx.Batch{}
 	wb.Queue(`BEGIN`)
 	p.head = 1 + s.queueHead(wb, s.opts.Gate, p.f, b.dec, &p.check)
-	s.queueWrite(wb, ch, nil, &p.raced)
+	s.queueWrite(wb, ch, nil)
 	p.conn, p.br = conn, conn.SendBatch(ctx, wb)
 	p.res, p.drops = res, drops
 	p.f.mem.Keep(part, projectsOf(b.dec))
@@ -147,12 +146,12 @@ func (p *Pending) settle(ctx context.Context, prev *Pending) {
 		err = cerr
 	}
 	switch {
+	case raced(err):
+		err = errRaced
 	case err != nil:
 		err = fmt.Errorf("write: %w", err)
 	case !p.check.held():
 		err = errHeadFenced
-	case p.raced:
-		err = errRaced
 	}
 	if err == nil && prev != nil {
 		if <-prev.done; prev.err != nil {

@@ -685,7 +685,7 @@ func checkAgainstModel(t *testing.T, s *projection.Store, evs []events.Event) {
 			len(wantP), len(wantM), strings.Join(d, "\n  "))
 	}
 	// Every open build, whatever its age, is listed by Stuck (through the
-	// pending marks the store keeps).
+	// open builds the store keeps, projector_open_builds).
 	far := time.Now().Add(24 * time.Hour)
 	stuck, err := s.Stuck(context.Background(), projection.StuckLimits{}, far)
 	if err != nil {

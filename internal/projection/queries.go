@@ -10,6 +10,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/buildstate/buildstate/internal/events"
+	"github.com/buildstate/buildstate/internal/fsm"
 )
 
 // ProjectRow is a projects row as stored.
@@ -273,26 +274,20 @@ type StuckBuild struct {
 
 // The states of a StuckBuild.
 const (
-	StuckQueued   = "queued"   // queued, no start, no completion
-	StuckBuilding = "building" // started, no completion
+	StuckQueued   = fsm.WaitingStart  // queued, no start, no completion
+	StuckBuilding = fsm.WaitingFinish // started, no completion
 )
 
-// stuckSQL reads the stuck builds from projector_facts, the only table that
-// knows of a queued build with no start (it has no metrics row, and the
-// projects row shows the newest build only). It reads the pending facts
-// alone (a queued or started fact whose build has no completion: pending,
-// migration 004) through the partial index projector_facts_pending_idx,
-// which holds nothing else, so the work is proportional to the builds still
-// open, not to the history; a queued fact's "no start" is one probe of the
-// primary key (build_id, kind).
+// stuckSQL reads the stuck builds from projector_open_builds (migration
+// 007), which holds the builds waiting on their worker and nothing else: a
+// queued build with no start has no metrics row, and the projects row shows
+// the newest build only. The work is proportional to the builds still open,
+// not to the history.
 const stuckSQL = `
-SELECT f.build_id, f.project_id, CASE f.kind WHEN 'queued' THEN 'queued' ELSE 'building' END, f.occurred_at
-FROM projector_facts f
-WHERE f.pending
-  AND ((f.kind = 'started' AND f.occurred_at <= $2)
-    OR (f.kind = 'queued' AND f.occurred_at <= $1
-        AND NOT EXISTS (SELECT 1 FROM projector_facts s WHERE s.build_id = f.build_id AND s.kind = 'started')))
-ORDER BY f.occurred_at, f.build_id`
+SELECT o.build_id, o.project_id, o.state, o.since
+FROM projector_open_builds o
+WHERE (o.state = 'building' AND o.since <= $2) OR (o.state = 'queued' AND o.since <= $1)
+ORDER BY o.since, o.build_id`
 
 // StuckLimits say how long a build may wait on its worker before it is stuck.
 type StuckLimits struct {

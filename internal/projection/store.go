@@ -496,14 +496,13 @@ func foldInto(p *fold.Partition, b batch) (Result, []droppedField) {
 }
 
 // write sends what the fold changed, in one round trip (queueWrite). A
-// claim or id that is there already was committed by a concurrent
-// transaction after read: errRaced.
+// claim, id or new fact that is there already (raced) was committed by a
+// concurrent transaction after read: errRaced.
 func (s *Store) write(ctx context.Context, tx pgx.Tx, ch fold.Changes, retries map[uint64]int) error {
 	wb := &pgx.Batch{}
-	raced := false
-	s.queueWrite(wb, ch, retries, &raced)
+	s.queueWrite(wb, ch, retries)
 	err := tx.SendBatch(ctx, wb).Close()
-	if raced {
+	if raced(err) {
 		return errRaced
 	}
 	if err != nil {
@@ -514,27 +513,16 @@ func (s *Store) write(ctx context.Context, tx pgx.Tx, ch fold.Changes, retries m
 
 // queueWrite queues what the fold changed: the new claims and applied ids
 // first (each in key order, so that concurrent projectors take their locks
-// in one order), then facts, roles, dead letters and the plans. raced is set
-// when the claims or ids inserted are fewer than sent.
-func (s *Store) queueWrite(wb *pgx.Batch, ch fold.Changes, retries map[uint64]int, raced *bool) {
-	insertedAll := func(want int) func(pgx.Rows) error {
-		return func(rows pgx.Rows) error {
-			n := 0
-			for rows.Next() {
-				n++
-			}
-			if n < want {
-				*raced = true
-			}
-			return rows.Err()
-		}
-	}
+// in one order), then facts, open builds, roles, dead letters and the plans.
+// The claims, ids and new facts are plain inserts: one that is there
+// already fails the batch on its key (raced).
+func (s *Store) queueWrite(wb *pgx.Batch, ch fold.Changes, retries map[uint64]int) {
 	if n := len(ch.Claims); n > 0 {
 		builds, owners := make([]string, n), make([]string, n)
 		for i, c := range ch.Claims {
 			builds[i], owners[i] = c.BuildID, c.ProjectID
 		}
-		wb.Queue(claimBuildsSQL, builds, owners).Query(insertedAll(n))
+		wb.Queue(claimBuildsSQL, builds, owners)
 	}
 	if n := len(ch.Applied); n > 0 {
 		ids, digests, seqs := make([]string, n), make([][]byte, n), make([]int64, n)
@@ -542,9 +530,10 @@ func (s *Store) queueWrite(wb *pgx.Batch, ch fold.Changes, retries map[uint64]in
 			a := &ch.Applied[i]
 			ids[i], digests[i], seqs[i] = a.EventID, a.Digest[:], int64(a.Seq)
 		}
-		wb.Queue(markAppliedSQL, ids, digests, seqs).Query(insertedAll(n))
+		wb.Queue(markAppliedSQL, ids, digests, seqs)
 	}
 	queueFacts(wb, ch.Facts)
+	queueOpen(wb, ch.Open, ch.Closed)
 	queueRoles(wb, ch.Roles)
 	queueDeadLetters(wb, ch.Refused, s.opts.Prefix, retries)
 	queuePlans(wb, ch.Plans)
@@ -654,14 +643,13 @@ func namesOf(dec []fold.Decoded) (projects []string, buckets []int32, builds, id
 	return projects, slices.Compact(buckets), slices.Compact(builds), slices.Compact(ids)
 }
 
-// claimBuildsSQL claims builds nobody had claimed when the batch read them,
-// and returns those it claimed: a build missing from the result was claimed
-// by a concurrent transaction meanwhile (it waited for that one's commit).
+// claimBuildsSQL claims builds nobody had claimed when the batch read them
+// (or its fence's memory took for new). A plain insert: a build claimed
+// meanwhile by a concurrent transaction (it waits for that one's commit),
+// or one the memory did not know, fails it on the key (raced).
 const claimBuildsSQL = `
 INSERT INTO projector_builds (build_id, project_id)
-SELECT * FROM unnest($1::text[], $2::text[])
-ON CONFLICT (build_id) DO NOTHING
-RETURNING build_id`
+SELECT * FROM unnest($1::text[], $2::text[])`
 
 // claimedBuildsSQL lists every build the projects claimed
 // (projector_builds_project_idx).
@@ -669,13 +657,25 @@ const claimedBuildsSQL = `SELECT project_id, build_id FROM projector_builds WHER
 
 const buildOwnersSQL = `SELECT build_id, project_id FROM projector_builds WHERE build_id = ANY($1::text[])`
 
-// markAppliedSQL marks ids applied that were not when the batch read them,
-// and returns those it marked (as claimBuildsSQL).
+// markAppliedSQL marks ids applied that were not when the batch read them
+// (as claimBuildsSQL).
 const markAppliedSQL = `
 INSERT INTO projector_applied (event_id, digest, stream_seq)
-SELECT * FROM unnest($1::text[], $2::bytea[], $3::bigint[])
-ON CONFLICT (event_id) DO NOTHING
-RETURNING event_id`
+SELECT * FROM unnest($1::text[], $2::bytea[], $3::bigint[])`
+
+// raceKeys are the keys on which a batch's inserts find what it took for
+// new (claimBuildsSQL, markAppliedSQL, insertFactsSQL): the rows of a
+// concurrent transaction that committed after the batch read, or of one
+// the fence's memory did not know.
+var raceKeys = map[string]bool{"projector_builds_pkey": true, "projector_applied_pkey": true, "projector_facts_pkey": true}
+
+// raced reports whether err is a unique violation on a raceKeys key: the
+// batch is folded again on what the store holds (errRaced), never a dead
+// letter.
+func raced(err error) bool {
+	var pgErr *pgconn.PgError
+	return errors.As(err, &pgErr) && pgErr.Code == "23505" && raceKeys[pgErr.ConstraintName]
+}
 
 const appliedDigestsSQL = `SELECT event_id, digest FROM projector_applied WHERE event_id = ANY($1::text[])`
 
