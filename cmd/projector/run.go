@@ -235,7 +235,7 @@ func collectorDefaults(getenv func(string) string, log *zap.Logger) {
 	}
 	if limit == "" {
 		debug.SetMemoryLimit(runMemoryLimit)
-		limit = strconv.Itoa(runMemoryLimit >> 20) + "MiB"
+		limit = strconv.Itoa(runMemoryLimit>>20) + "MiB"
 	}
 	log.Debug("garbage collector", zap.String("GOGC", gogc), zap.String("GOMEMLIMIT", limit))
 }
