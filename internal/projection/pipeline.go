@@ -73,19 +73,16 @@ func (s *Store) Begin(ctx context.Context, f *Fence, msgs []Message) *Pending {
 	}
 	prev := f.open
 	f.open = p
-	if prev != nil {
-		if prev.again || !s.overlap {
-			// The batch before was not sent, so the memory lacks it: this
-			// one waits for it too. Or the pool has one connection, which
-			// the batch before holds until it finishes.
-			return p
-		}
-		if <-prev.headDone; prev.headErr != nil || !prev.check.held() {
-			return p // the batch before will not commit: this one waits for it
-		}
+	if prev != nil && (prev.again || !s.overlap) {
+		// The batch before was not sent, so the memory lacks it: this
+		// one waits for it too. Or the pool has one connection, which
+		// the batch before holds until it finishes.
+		return p
 	}
 	if err := p.send(ctx, prev); err != nil {
-		s.opts.Logger.Debug("batch not begun; applied at finish", zap.Error(err))
+		if !errors.Is(err, errPredecessor) {
+			s.opts.Logger.Debug("batch not begun; applied at finish", zap.Error(err))
+		}
 		return p
 	}
 	p.again = false
@@ -97,6 +94,15 @@ func (s *Store) Begin(ctx context.Context, f *Fence, msgs []Message) *Pending {
 // the compare-and-set), folds, and sends the transaction in one pipeline:
 // BEGIN, the rebuild gate, the compare-and-set, the writes; settle reads
 // their results and commits. Once sent, the memory keeps the batch.
+//
+// It folds while Postgres executes the batch before (prev), on the memory as
+// that one left it, and sends only once prev's compare-and-set answered
+// (errPredecessor if prev will not commit: the fold is dropped). Postgres
+// sends a pipeline's results at its end (its Sync), so that answer comes
+// once all of prev's statements ran: folding only after it, as this did
+// before, left Postgres idle while the writer folded and the writer idle
+// while Postgres wrote (docs/performance.md, "Folding while Postgres
+// writes").
 func (p *Pending) send(ctx context.Context, prev *Pending) error {
 	s := p.s
 	b := s.prepare(p.msgs, nil)
@@ -104,6 +110,11 @@ func (p *Pending) send(ctx context.Context, prev *Pending) error {
 	part, res, drops, ch, _, err := s.foldBatch(ctx, s.pool, b, false)
 	if err != nil {
 		return err
+	}
+	if prev != nil {
+		if <-prev.headDone; prev.headErr != nil || !prev.check.held() {
+			return errPredecessor // the batch before will not commit: this one waits for it
+		}
 	}
 	conn, err := s.pool.Acquire(ctx)
 	if err != nil {
