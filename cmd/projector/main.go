@@ -18,7 +18,14 @@ import (
 	"os"
 )
 
+// ownProcess is set when the process is the command's alone (main), not a
+// test's that runs commands in-process: only then does `run` set the
+// collector up for its writer (collectorDefaults), which the whole process
+// shares.
+var ownProcess bool
+
 func main() {
+	ownProcess = true
 	if err := run(context.Background(), os.Args, os.Getenv, os.Stdout, os.Stderr); err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)

@@ -7,7 +7,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"runtime/debug"
 	"sort"
 	"time"
 
@@ -73,31 +72,13 @@ func replayFlags(fs *flag.FlagSet, truncatedUsage string) replayOpts {
 	}
 }
 
-// replayMemoryLimit is the Go runtime's soft memory limit for a bulk
-// replay when GOMEMLIMIT is not set. The replay holds the log's read model
-// in memory (about 300 bytes an event: 1,000,000 events take ~300 MiB of
-// live heap) and allocates several times that while it reads. With the
-// limit, and no GOGC target unless GOGC is set, the collector runs only
-// when the heap reaches the limit: fewer collections than GOGC=100 makes
-// while the model grows, and the process stays under 512 MiB. Set
-// GOMEMLIMIT for bigger logs.
-const replayMemoryLimit = 448 << 20
-
 // collector sets the collector up for a bulk replay (not for an incremental
 // one, which holds little) and returns what puts the old settings back.
 func (o replayOpts) collector(getenv func(string) string) (restore func()) {
-	if *o.incremental || getenv("GOMEMLIMIT") != "" {
+	if *o.incremental {
 		return func() {}
 	}
-	limit := debug.SetMemoryLimit(replayMemoryLimit)
-	gc := debug.SetGCPercent(-1)
-	if getenv("GOGC") != "" {
-		debug.SetGCPercent(gc)
-	}
-	return func() {
-		debug.SetMemoryLimit(limit)
-		debug.SetGCPercent(gc)
-	}
+	return collectorDefaults(getenv, replayGCPercent, replayMemoryLimit)
 }
 
 // replayRun is what rebuild and verify share once their flags are parsed.

@@ -9,7 +9,6 @@ import (
 	"io"
 	"os"
 	"os/signal"
-	"runtime/debug"
 	"slices"
 	"strconv"
 	"strings"
@@ -209,35 +208,10 @@ func runProjector(ctx context.Context, args []string, getenv func(string) string
 	}
 	defer log.Sync() //nolint:errcheck
 	c.cfg.Logger = log
-	collectorDefaults(getenv, log)
+	if ownProcess {
+		defer collectorDefaults(getenv, runGCPercent, runMemoryLimit)()
+	}
 	return projector.Run(ctx, c.cfg)
-}
-
-// The garbage collector of `projector run`, where GOGC and GOMEMLIMIT do not
-// say otherwise (docs/performance.md, "The collector"). The writer's memory
-// is a large heap of pointers that changes little from batch to batch, and
-// Go's default (collect each time the heap doubles) marks it over and over:
-// a quarter of the projector's CPU in a catch-up. GOGC=400 collects a fifth
-// as often; the soft memory limit makes it collect sooner as the heap nears
-// 192 MiB, which keeps an instance at 100,000 projects under its 256 MiB
-// budget. Raising --memory-projects far past its default needs a higher
-// GOMEMLIMIT: under the limit the collector spends up to half the CPU.
-const (
-	runGCPercent   = 400
-	runMemoryLimit = 192 << 20
-)
-
-func collectorDefaults(getenv func(string) string, log *zap.Logger) {
-	gogc, limit := getenv("GOGC"), getenv("GOMEMLIMIT")
-	if gogc == "" {
-		debug.SetGCPercent(runGCPercent)
-		gogc = strconv.Itoa(runGCPercent)
-	}
-	if limit == "" {
-		debug.SetMemoryLimit(runMemoryLimit)
-		limit = strconv.Itoa(runMemoryLimit>>20) + "MiB"
-	}
-	log.Debug("garbage collector", zap.String("GOGC", gogc), zap.String("GOMEMLIMIT", limit))
 }
 
 func runMigrate(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
